@@ -1,0 +1,69 @@
+"""XLA throughput of the model's hot paths, printed as images/s.
+
+    python -m msrd_jax.benchmark teacher --arch wide_resnet50_2 --size 256 --batch 8
+
+Each measurement compiles first (not timed), then times `--repeats` runs of `--iters`
+calls each, waiting for the device, and reports the median. Figures depend on the
+machine; they are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+
+def time_calls(fn: Callable[[], object], iters: int = 5, repeats: int = 3) -> float:
+  """Median seconds per call of `fn` (compiled and warmed up once before timing)."""
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(iters):
+      out = fn()
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - start) / iters)
+  return statistics.median(times)
+
+
+def bench_teacher(arch: str, size: int, batch: int, iters: int, repeats: int) -> float:
+  """Images/s of the teacher forward (layer1..3) on random weights."""
+  from msrd_jax import teacher  # pylint: disable=g-import-not-at-top
+  variables = teacher.init_teacher(arch, warn=False)
+  images = jax.device_put(
+      np.random.default_rng(0).uniform(size=(batch, size, size, 3)).astype(np.float32))
+  forward = jax.jit(teacher.ResNet(arch).apply)
+  seconds = time_calls(lambda: forward(variables, images), iters, repeats)
+  return batch / seconds
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m msrd_jax.benchmark',
+                                   description=__doc__.split('\n\n')[0])
+  parser.add_argument('what', choices=('teacher',))
+  parser.add_argument('--arch', default='wide_resnet50_2',
+                      help="an architecture, or 'all'")
+  parser.add_argument('--size', type=int, default=256)
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--iters', type=int, default=3)
+  parser.add_argument('--repeats', type=int, default=3)
+  args = parser.parse_args(argv)
+  from msrd_jax import teacher  # pylint: disable=g-import-not-at-top
+  archs = list(teacher.ARCH_SPECS) if args.arch == 'all' else [args.arch]
+  print(f'backend {jax.default_backend()}, {jax.device_count()} device(s): '
+        f'{jax.devices()[0].device_kind}')
+  for arch in archs:
+    rate = bench_teacher(arch, args.size, args.batch, args.iters, args.repeats)
+    print(f'teacher {arch:>16} {args.size}x{args.size} batch {args.batch}: '
+          f'{rate:8.1f} images/s', flush=True)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

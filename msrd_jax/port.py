@@ -1,0 +1,207 @@
+"""Ports torchvision ResNet weights into the Flax teacher.
+
+    python -m msrd_jax.port --arch wide_resnet50_2 \
+        --input wide_resnet50_2-32ee1156.pth --output teachers/wide_resnet50_2.msgpack
+
+Sources: a torchvision state_dict saved as `.pth`/`.pt` (needs torch; read with
+weights_only=True, so no pickled code runs) or `.safetensors` (no torch needed; timm's
+'tv_in1k' ResNets use torchvision's key names). The output is read by
+`msrd_jax.teacher.load_teacher` with no torch installed.
+
+Mapping: conv weight (O, I, kh, kw) -> kernel (kh, kw, I, O); BatchNorm weight, bias,
+running_mean, running_var -> scale, bias, mean, var. layer4.*, fc.* and
+*.num_batches_tracked are not part of the teacher and are ignored. Any other key the
+teacher lacks, any key the teacher needs that is missing and any shape mismatch is an
+error that names the key (and both shapes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import sys
+from typing import Callable, Mapping, Sequence
+
+import flax
+import numpy as np
+
+from msrd_jax import teacher as teacher_lib
+
+
+class PortError(ValueError):
+  """A state_dict that does not fit the requested teacher, or a file that is none."""
+
+
+IGNORED = re.compile(r'^(layer4\.|fc\.)|\.num_batches_tracked$|^num_batches_tracked$')
+_BN_NAMES = {'weight': ('params', 'scale'), 'bias': ('params', 'bias'),
+             'running_mean': ('batch_stats', 'mean'), 'running_var': ('batch_stats', 'var')}
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """How one torch tensor becomes one Flax variable."""
+  torch_key: str
+  collection: str  # 'params' or 'batch_stats'
+  path: tuple[str, ...]  # module path then variable name
+  torch_shape: tuple[int, ...]  # the shape the torch tensor must have
+
+  @property
+  def is_conv(self) -> bool:
+    return self.path[-1] == 'kernel'
+
+  def convert(self, array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array, np.float32)
+    return np.transpose(array, (2, 3, 1, 0)) if self.is_conv else array
+
+
+def _torch_name(module_path: Sequence[str]) -> str:
+  # 'layer1_0/downsample_1' -> 'layer1.0.downsample.1'
+  return '.'.join(re.sub(r'_(\d+)$', r'.\1', p) for p in module_path)
+
+
+def expected_entries(arch: teacher_lib.Arch) -> dict[str, Entry]:
+  """The torch keys (with their shapes) that the `arch` teacher needs."""
+  shapes = flax.traverse_util.flatten_dict(flax.core.unfreeze(
+      teacher_lib.teacher_shapes(arch)))
+  entries = {}
+  for (collection, *modules, name), leaf in shapes.items():
+    shape = tuple(leaf.shape)
+    if name == 'kernel':
+      kh, kw, i, o = shape
+      torch_suffix, torch_shape = 'weight', (o, i, kh, kw)
+    else:
+      torch_suffix = {('params', 'scale'): 'weight', ('params', 'bias'): 'bias',
+                      ('batch_stats', 'mean'): 'running_mean',
+                      ('batch_stats', 'var'): 'running_var'}[(collection, name)]
+      torch_shape = shape
+    key = f'{_torch_name(modules)}.{torch_suffix}'
+    entries[key] = Entry(key, collection, (*modules, name), torch_shape)
+  return entries
+
+
+def plan_port(arch: teacher_lib.Arch,
+              shapes: Mapping[str, Sequence[int]]) -> list[Entry]:
+  """Checks a state_dict's keys and shapes against the `arch` teacher.
+
+  Args:
+    arch: teacher architecture.
+    shapes: torch key -> tensor shape, e.g. from a state_dict or a manifest.
+
+  Returns:
+    One Entry per teacher variable, in a fixed order.
+
+  Raises:
+    PortError listing every missing key, unexpected key and shape mismatch.
+  """
+  expected = expected_entries(arch)
+  problems = []
+  for key in expected:
+    if key not in shapes:
+      problems.append(f'missing key {key!r} (shape {expected[key].torch_shape})')
+  for key, shape in shapes.items():
+    if IGNORED.search(key):
+      continue
+    if key not in expected:
+      problems.append(f'unexpected key {key!r} (shape {tuple(shape)})')
+    elif tuple(shape) != expected[key].torch_shape:
+      problems.append(f'shape mismatch for {key!r}: file has {tuple(shape)}, '
+                      f'{arch} needs {expected[key].torch_shape}')
+  if problems:
+    shown = '\n  '.join(problems[:20])
+    more = f'\n  ... and {len(problems) - 20} more' if len(problems) > 20 else ''
+    raise PortError(f'the state_dict does not fit {arch}:\n  {shown}{more}')
+  return list(expected.values())
+
+
+def convert_state_dict(arch: teacher_lib.Arch,
+                       state_dict: Mapping[str, np.ndarray]) -> dict:
+  """torch state_dict (numpy arrays) -> teacher variables {'params', 'batch_stats'}."""
+  entries = plan_port(arch, {k: np.shape(v) for k, v in state_dict.items()})
+  flat = {(e.collection, *e.path): e.convert(state_dict[e.torch_key]) for e in entries}
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+def _unwrap(obj, path: str) -> dict[str, np.ndarray]:
+  """Accepts a bare state_dict or the common {'state_dict': ...} / {'model': ...} wraps."""
+  if isinstance(obj, Mapping):
+    for wrapper in ('state_dict', 'model'):
+      if wrapper in obj and isinstance(obj[wrapper], Mapping):
+        obj = obj[wrapper]
+        break
+  if not isinstance(obj, Mapping) or not obj:
+    raise PortError(f'{path!r} holds no state_dict (found {type(obj).__name__})')
+  out = {}
+  for key, value in obj.items():
+    if not hasattr(value, 'shape'):
+      raise PortError(f'{path!r}: entry {key!r} is a {type(value).__name__}, '
+                      'not a tensor; is this a torchvision state_dict?')
+    # DataParallel checkpoints prefix every key with 'module.'.
+    out[key.removeprefix('module.')] = value
+  return out
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+  """Reads a `.pth`/`.pt` or `.safetensors` state_dict into numpy float arrays."""
+  if not os.path.isfile(path):
+    raise PortError(f'{path!r} does not exist')
+  ext = os.path.splitext(path)[1].lower()
+  if ext == '.safetensors':
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    try:
+      raw = load_file(path)
+    except Exception as e:  # safetensors raises its own error types for bad headers.
+      raise PortError(f'{path!r} is not a readable .safetensors file ({e})') from None
+    return _unwrap(raw, path)
+  if ext in ('.pth', '.pt', '.bin', '.ckpt'):
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise PortError(
+          f'reading {path!r} needs PyTorch (`pip install torch`); or convert it once '
+          'to .safetensors, which needs no torch') from None
+    try:
+      raw = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch raises pickle/zip/runtime errors for bad files.
+      raise PortError(f'{path!r} is not a readable PyTorch checkpoint '
+                      f'({type(e).__name__}: {e})') from None
+    state = _unwrap(raw, path)
+    return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
+            for k, v in state.items()}
+  raise PortError(f'{path!r}: unknown weight format {ext!r}; expected .pth, .pt or '
+                  '.safetensors')
+
+
+def port(arch: str, input_path: str, output_path: str) -> dict:
+  """Reads torch weights, converts them and writes the Flax teacher file."""
+  teacher_lib.arch_spec(arch)
+  state = read_state_dict(input_path)
+  try:
+    variables = convert_state_dict(arch, state)
+  except PortError as e:
+    raise PortError(f'{input_path!r}: {e}') from None
+  teacher_lib.save_teacher(output_path, arch, variables)
+  return variables
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python -m msrd_jax.port', description=__doc__.split('\n\n')[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--arch', required=True, choices=list(teacher_lib.ARCH_SPECS))
+  parser.add_argument('--input', required=True, help='.pth/.pt or .safetensors file')
+  parser.add_argument('--output', required=True, help='teacher file to write')
+  args = parser.parse_args(argv)
+  try:
+    variables = port(args.arch, args.input, args.output)
+  except (PortError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  count = sum(np.size(x) for x in flax.traverse_util.flatten_dict(variables).values())
+  print(f'wrote {args.output}: {args.arch} teacher, {count:,} values')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
