@@ -43,21 +43,83 @@ def bench_teacher(arch: str, size: int, batch: int, iters: int, repeats: int) ->
   return batch / seconds
 
 
+def bench_train_step(config, batch: int, iters: int, repeats: int) -> float:
+  """Images/s of the whole jitted training step (teacher, student, loss, grads, Adam).
+
+  One device, no pmap, random teacher; the config decides backbone, size and modules.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from msrd_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from msrd_jax import teacher, train  # pylint: disable=g-import-not-at-top
+  teacher_vars = teacher.init_teacher(config.model.backbone, warn=False)
+  model = model_lib.MSRD(config)
+  tx = train.make_optimizer(config)
+  state = train.create_state(model, tx, teacher_vars, config)
+  step = jax.jit(train.make_train_step(model, tx, config, axis_name=None),
+                 donate_argnums=(0,))
+  size = config.data.image_size
+  images = jax.device_put(np.random.default_rng(0).uniform(
+      size=(batch, size, size, 3)).astype(np.float32))
+  holder = [state]
+
+  def call():
+    holder[0], metrics = step(holder[0], teacher_vars, images)
+    return metrics['loss']
+
+  return batch / time_calls(call, iters, repeats)
+
+
+def _load_config(path: str, overrides: Sequence[str]):
+  """A config file (`path[:arg]`) with `a.b=value` overrides, as the CLIs take them."""
+  import ast  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  file, _, arg = path.partition(':')
+  spec = importlib.util.spec_from_file_location('bench_config', file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  for item in overrides:
+    key, _, value = item.partition('=')
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass
+    node = config
+    *parents, last = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[last] = value
+  return config
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog='python -m msrd_jax.benchmark',
                                    description=__doc__.split('\n\n')[0])
-  parser.add_argument('what', choices=('teacher',))
+  parser.add_argument('what', choices=('teacher', 'train'))
   parser.add_argument('--arch', default='wide_resnet50_2',
                       help="an architecture, or 'all'")
   parser.add_argument('--size', type=int, default=256)
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--iters', type=int, default=3)
   parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--config', default='configs/synthetic.py',
+                      help='train: config file, path[:arg]')
+  parser.add_argument('--set', action='append', default=[], metavar='a.b=value',
+                      help='train: config override (repeatable)')
   args = parser.parse_args(argv)
   from msrd_jax import teacher  # pylint: disable=g-import-not-at-top
-  archs = list(teacher.ARCH_SPECS) if args.arch == 'all' else [args.arch]
   print(f'backend {jax.default_backend()}, {jax.device_count()} device(s): '
         f'{jax.devices()[0].device_kind}')
+  if args.what == 'train':
+    config = _load_config(args.config, args.set)
+    batch = config.train.batch_size
+    rate = bench_train_step(config, batch, args.iters, args.repeats)
+    print(f'train step {config.model.backbone} {config.data.image_size}px batch {batch} '
+          f'fusion={config.model.fusion} attention={tuple(config.model.coord_attention)}'
+          f' memory={config.model.memory.mode} dtype={config.train.dtype}: '
+          f'{rate:8.1f} images/s', flush=True)
+    return 0
+  archs = list(teacher.ARCH_SPECS) if args.arch == 'all' else [args.arch]
   for arch in archs:
     rate = bench_teacher(arch, args.size, args.batch, args.iters, args.repeats)
     print(f'teacher {arch:>16} {args.size}x{args.size} batch {args.batch}: '

@@ -6,6 +6,8 @@ needs; every field can be overridden on the command line as `--config.a.b=value`
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 ARCHITECTURES = ('resnet18', 'resnet34', 'resnet50', 'wide_resnet50_2', 'wide_resnet101_2')
@@ -14,7 +16,10 @@ ATTENTION_PLACES = ('fusion', 'decoder')
 MEMORY_MODES = ('replace', 'residual', 'off')
 LOSSES = ('global', 'pixel')
 MAP_MODES = ('add', 'mul')
-DATASETS = ('mvtec', 'visa')
+DATASETS = ('mvtec', 'visa', 'synthetic')
+DTYPES = ('float32', 'bfloat16')
+
+MVTEC_URL = 'https://www.mvtec.com/company/research/datasets/mvtec-ad'
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -36,10 +41,16 @@ def base_config() -> ml_collections.ConfigDict:
   # None means 1 / slots.
   c.model.memory.shrink = ml_collections.FieldReference(None, field_type=float)
   c.model.memory.entropy_weight = 2e-4
+  # None: 3 Bottlenecks for 50/101-layer teachers, 2 BasicBlocks for 18/34 (design.md).
+  c.model.oce_blocks = ml_collections.FieldReference(None, field_type=int)
 
   c.data = ml_collections.ConfigDict()
-  c.data.dataset = 'mvtec'  # folder layout of MVTec AD (also BTAD, MPDD, own data) or 'visa'
+  # 'mvtec': the MVTec AD folder layout (also BTAD, MPDD and one's own data);
+  # 'visa': VisA with split_csv/1cls.csv; 'synthetic': the embedded benchmark, generated
+  # into data.root (None: a cache folder) on first use and read as 'mvtec'.
+  c.data.dataset = 'mvtec'
   c.data.root = ml_collections.FieldReference(None, field_type=str)
+  c.data.synthetic_seed = 0
   c.data.category = 'bottle'
   c.data.image_size = 256
   c.data.num_threads = 8
@@ -50,6 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 16  # global batch, split across all devices
   c.train.epochs = 200
+  # None: ceil(epochs * train images / batch_size); an int overrides the epochs.
+  c.train.steps = ml_collections.FieldReference(None, field_type=int)
   c.train.learning_rate = 0.005
   c.train.b1 = 0.5
   c.train.b2 = 0.999
@@ -58,6 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every_steps = 500
   c.train.keep_checkpoints = 2
   c.train.log_every_steps = 10
+  # Call jax.distributed.initialize() first (multi-host training).
+  c.train.distributed = False
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 16
@@ -65,5 +80,84 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.sigma = 4.0
   # None means the model's input size.
   c.eval.resolution = ml_collections.FieldReference(None, field_type=int)
+  # False: half-pixel bilinear upsampling of the per-level maps; True: RD4AD's
+  # F.interpolate(..., align_corners=True).
+  c.eval.align_corners = False
   c.eval.num_pictures = 12
+  c.eval.after_training = True
   return c
+
+
+class ConfigError(ValueError):
+  """A config field holds a value the code cannot use."""
+
+
+def _one_of(name: str, value, choices) -> list[str]:
+  return [] if value in choices else [f'{name} = {value!r} is not one of {choices}']
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError listing every field whose value the code cannot use."""
+  m, d, t, e = config.model, config.data, config.train, config.eval
+  problems = _one_of('model.backbone', m.backbone, ARCHITECTURES)
+  problems += _one_of('model.fusion', m.fusion, FUSIONS)
+  problems += [f'model.coord_attention has {p!r}, expected places in {ATTENTION_PLACES}'
+               for p in m.coord_attention if p not in ATTENTION_PLACES]
+  problems += _one_of('model.memory.mode', m.memory.mode, MEMORY_MODES)
+  if m.memory.slots < 1:
+    problems.append(f'model.memory.slots must be >= 1, got {m.memory.slots}')
+  if m.memory.temperature <= 0:
+    problems.append(f'model.memory.temperature must be > 0, got {m.memory.temperature}')
+  problems += _one_of('data.dataset', d.dataset, DATASETS)
+  if d.image_size < 32 or d.image_size % 32:
+    problems.append(f'data.image_size must be a positive multiple of 32 (the embedding '
+                    f'is at stride 32 and the decoder doubles it back), got {d.image_size}')
+  problems += _one_of('train.loss', t.loss, LOSSES)
+  problems += _one_of('train.dtype', t.dtype, DTYPES)
+  if t.batch_size < 1:
+    problems.append(f'train.batch_size must be >= 1, got {t.batch_size}')
+  if t.steps is None and t.epochs <= 0:
+    problems.append(f'train.epochs must be > 0, got {t.epochs}')
+  if t.steps is not None and t.steps < 1:
+    problems.append(f'train.steps must be >= 1 or None, got {t.steps}')
+  if t.checkpoint_every_steps < 1:
+    problems.append('train.checkpoint_every_steps must be >= 1')
+  problems += _one_of('eval.map_mode', e.map_mode, MAP_MODES)
+  if e.batch_size < 1:
+    problems.append(f'eval.batch_size must be >= 1, got {e.batch_size}')
+  if problems:
+    raise ConfigError('invalid config:\n  ' + '\n  '.join(problems))
+
+
+def default_cache_dir() -> str:
+  """$MSRD_JAX_CACHE, else $XDG_CACHE_HOME/msrd_jax, else ~/.cache/msrd_jax."""
+  if os.environ.get('MSRD_JAX_CACHE'):
+    return os.environ['MSRD_JAX_CACHE']
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'),
+                                                          '.cache')
+  return os.path.join(base, 'msrd_jax')
+
+
+def resolve_data(config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """(reader, root) for config.data: the reader is 'mvtec' or 'visa'.
+
+  For 'synthetic' the benchmark is generated on first use. A missing root says where
+  to get the data set and which field to set.
+  """
+  d = config.data
+  if d.dataset == 'synthetic':
+    from msrd_jax.data.synthetic import ensure_synthetic  # pylint: disable=g-import-not-at-top
+    root = d.root or os.path.join(default_cache_dir(), f'synthetic-seed{d.synthetic_seed}')
+    return 'mvtec', ensure_synthetic(root, seed=d.synthetic_seed)
+  if d.root is None or not os.path.isdir(d.root):
+    where = ('is not set' if d.root is None else f'= {d.root!r} is not a folder')
+    if d.dataset == 'visa':
+      hint = ('Download VisA (https://github.com/amazon-science/spot-diff), keep its '
+              'split_csv/1cls.csv, and pass --config.data.root=/path/to/VisA.')
+    else:
+      hint = (f'Download MVTec AD from {MVTEC_URL} (mvtec_anomaly_detection.tar.xz), '
+              'extract it and pass --config.data.root=/path/to/mvtec_anomaly_detection '
+              '(any folder in the same layout works: <root>/<category>/train/good, '
+              'test/<defect>, ground_truth/<defect>).')
+    raise FileNotFoundError(f'config.data.root {where}. {hint}')
+  return d.dataset, d.root

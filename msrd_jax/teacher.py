@@ -40,6 +40,10 @@ BN_MOMENTUM = 0.9
 TEACHER_FORMAT = 'msrd_jax.teacher/1'
 
 
+class TeacherFileError(ValueError):
+  """A teacher file that is not one, or holds another architecture."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ArchSpec:
   block: str  # 'basic' or 'bottleneck'
@@ -254,7 +258,7 @@ def save_teacher(path: str, arch: str, variables: dict) -> None:
 def load_teacher(arch: str, path: str) -> dict:
   """Reads a teacher written by `save_teacher` / `python -m msrd_jax.port`.
 
-  Raises ValueError naming the file when it is not such a file, holds another
+  Raises TeacherFileError naming the file when it is not such a file, holds another
   architecture, or its tree or shapes differ from `arch`'s.
   """
   if not os.path.isfile(path):
@@ -266,14 +270,14 @@ def load_teacher(arch: str, path: str) -> dict:
   try:
     payload = flax.serialization.msgpack_restore(data)
   except Exception as e:  # msgpack raises several unrelated types for garbage.
-    raise ValueError(f'{path!r} is not a teacher file written by msrd_jax.port '
-                     f'({type(e).__name__}: {e})') from None
+    raise TeacherFileError(f'{path!r} is not a teacher file written by msrd_jax.port'
+                           f' ({type(e).__name__}: {e})') from None
   if not isinstance(payload, dict) or payload.get('format') != TEACHER_FORMAT:
-    raise ValueError(f'{path!r} is not a teacher file written by msrd_jax.port '
-                     f'(expected format {TEACHER_FORMAT!r})')
+    raise TeacherFileError(f'{path!r} is not a teacher file written by msrd_jax.port'
+                           f' (expected format {TEACHER_FORMAT!r})')
   if payload['arch'] != arch:
-    raise ValueError(f'{path!r} holds a {payload["arch"]!r} teacher but the config asks '
-                     f'for {arch!r} (model.backbone)')
+    raise TeacherFileError(f'{path!r} holds a {payload["arch"]!r} teacher but the '
+                           f'config asks for {arch!r} (model.backbone)')
   variables = payload['variables']
   expected = flax.traverse_util.flatten_dict(flax.core.unfreeze(teacher_shapes(arch)),
                                              sep='/')
@@ -283,8 +287,8 @@ def load_teacher(arch: str, path: str) -> dict:
   problems += [f'{k}: shape {found[k].shape}, expected {expected[k].shape}'
                for k in expected if k in found and found[k].shape != expected[k].shape]
   if problems:
-    raise ValueError(f'{path!r} does not match the {arch} teacher: '
-                     + '; '.join(problems[:10]))
+    raise TeacherFileError(f'{path!r} does not match the {arch} teacher: '
+                           + '; '.join(problems[:10]))
   return variables
 
 

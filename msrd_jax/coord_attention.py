@@ -1,0 +1,54 @@
+"""Coordinate attention (Hou, Zhou & Feng, CVPR 2021).
+
+Direction-aware attention that keeps position: the input is average-pooled along each
+spatial axis separately, the two pooled strips share a 1x1 conv + BN + h-swish, and two
+1x1 convs with a sigmoid turn them into a per-row and a per-column gate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from msrd_jax import teacher
+
+
+def h_swish(x: jax.Array) -> jax.Array:
+  """x * relu6(x + 3) / 6 (MobileNetV3's hard swish)."""
+  return x * jnp.clip(x + 3.0, 0.0, 6.0) / 6.0
+
+
+def mip_channels(channels: int, reduction: int = 32) -> int:
+  """Width of the shared bottleneck: max(8, C // reduction), as in the paper's code."""
+  return max(8, channels // reduction)
+
+
+class CoordAttention(nn.Module):
+  """Y = X * a_h * a_w for X of shape (B, H, W, C); same shape out.
+
+  a_h: (B, H, 1, C) from the W-pooled strip, a_w: (B, 1, W, C) from the H-pooled strip.
+  The BatchNorm uses batch statistics when `train` (synchronized across `bn_axis_name`).
+  """
+  train: bool = False
+  reduction: int = 32
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    _, h, w, c = x.shape
+    mip = mip_channels(c, self.reduction)
+    pooled_h = jnp.mean(x, axis=2, keepdims=True)  # (B, H, 1, C): pooled over W
+    pooled_w = jnp.mean(x, axis=1, keepdims=True)  # (B, 1, W, C): pooled over H
+    # Both strips go through the shared layers as one (B, H + W, 1, C) tensor.
+    y = jnp.concatenate([pooled_h, jnp.swapaxes(pooled_w, 1, 2)], axis=1)
+    y = nn.Conv(mip, (1, 1), dtype=self.dtype, name='conv1')(y)
+    y = teacher.batch_norm(self.train, 'bn1', self.dtype, self.bn_axis_name)(y)
+    y = h_swish(y)
+    y_h, y_w = y[:, :h], jnp.swapaxes(y[:, h:], 1, 2)
+    a_h = nn.sigmoid(nn.Conv(c, (1, 1), dtype=self.dtype, name='conv_h')(y_h))
+    a_w = nn.sigmoid(nn.Conv(c, (1, 1), dtype=self.dtype, name='conv_w')(y_w))
+    return x * a_h * a_w

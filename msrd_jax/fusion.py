@@ -1,0 +1,135 @@
+"""Multi-scale feature fusion in front of the one-class embedding.
+
+MSFF (the article's enhanced multi-scale mutual-mapping fusion): every teacher level is
+mapped onto every other level's resolution and width, the mappings that land on one level
+are fused with learned, normalized, unequal weights (BiFPN's fast normalized fusion), each
+fused map goes through coordinate attention, and then RD's alignment brings the three
+levels to stride 16 for concatenation.
+
+MFF (RD4AD's original): the alignment and concatenation applied to e1, e2, e3 directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from msrd_jax import teacher
+from msrd_jax.coord_attention import CoordAttention
+
+FUSION_EPS = 1e-4
+
+
+def fusion_weights(a: jax.Array) -> jax.Array:
+  """w_ij = relu(a_ij) / (sum_k relu(a_ik) + 1e-4); a: (L, L) -> (L, L)."""
+  r = nn.relu(a)
+  return r / (jnp.sum(r, axis=-1, keepdims=True) + FUSION_EPS)
+
+
+class ConvBNReLU(nn.Module):
+  """3x3 conv (PyTorch padding 1) -> BN -> ReLU."""
+  features: int
+  stride: int = 1
+  train: bool = False
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = teacher.conv(self.features, 3, self.stride, 'conv', self.dtype)(x)
+    x = teacher.batch_norm(self.train, 'bn', self.dtype, self.bn_axis_name)(x)
+    return nn.relu(x)
+
+
+class Align(nn.Module):
+  """RD's alignment: level k goes through (3 - k) 3x3/2 conv-BN-ReLU to level 3.
+
+  features: [f1, f2, f3] with channels (C1, C2, C3) -> (B, h3, w3, 3 * C3).
+  """
+  channels: Sequence[int]
+  train: bool = False
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, features: Sequence[jax.Array]) -> jax.Array:
+    kw = dict(train=self.train, dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+    c1, c2, c3 = self.channels
+    f1 = ConvBNReLU(c2, 2, name='level1_down1', **kw)(features[0])
+    f1 = ConvBNReLU(c3, 2, name='level1_down2', **kw)(f1)
+    f2 = ConvBNReLU(c3, 2, name='level2_down1', **kw)(features[1])
+    return jnp.concatenate([f1, f2, features[2]], axis=-1)
+
+
+class Mapping(nn.Module):
+  """T(j -> i): teacher level j onto level i's resolution and channels."""
+  source: int
+  target: int
+  channels: Sequence[int]
+  train: bool = False
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, target_hw: tuple[int, int]) -> jax.Array:
+    if self.source == self.target:
+      return x
+    if self.source < self.target:
+      for k in range(self.source, self.target):
+        x = ConvBNReLU(self.channels[k + 1], 2, self.train, self.dtype,
+                       self.bn_axis_name, name=f'down{k - self.source + 1}')(x)
+      return x
+    x = teacher.conv(self.channels[self.target], 1, 1, 'conv', self.dtype)(x)
+    x = teacher.batch_norm(self.train, 'bn', self.dtype, self.bn_axis_name)(x)
+    return jax.image.resize(x, (x.shape[0], *target_hw, x.shape[-1]), 'bilinear')
+
+
+class MSFF(nn.Module):
+  """Enhanced multi-scale mutual-mapping fusion.
+
+  features: [e1, e2, e3] (B, h_k, w_k, C_k) -> (B, h3, w3, 3 * C3).
+  """
+  channels: Sequence[int]
+  init_self: float = 1.0
+  init_other: float = 0.5
+  attention: bool = True
+  train: bool = False
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, features: Sequence[jax.Array]) -> jax.Array:
+    kw = dict(train=self.train, dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+    levels = len(features)
+    a = self.param('fusion_logits', lambda _, n: jnp.where(
+        jnp.eye(n, dtype=bool), self.init_self, self.init_other).astype(jnp.float32),
+                   levels)
+    w = fusion_weights(a)
+    fused = []
+    for i in range(levels):
+      hw = features[i].shape[1:3]
+      g = sum(w[i, j].astype(self.dtype) * Mapping(j, i, self.channels,
+                                                   name=f'map_{j + 1}_to_{i + 1}', **kw)(
+                                                       features[j], hw)
+              for j in range(levels))
+      g = nn.relu(g)
+      if self.attention:
+        g = CoordAttention(name=f'attention_{i + 1}', **kw)(g)
+      fused.append(g)
+    return Align(self.channels, name='align', **kw)(fused)
+
+
+class MFF(nn.Module):
+  """RD4AD's multi-scale feature fusion: alignment and concatenation only."""
+  channels: Sequence[int]
+  train: bool = False
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, features: Sequence[jax.Array]) -> jax.Array:
+    return Align(self.channels, self.train, self.dtype, self.bn_axis_name,
+                 name='align')(features)

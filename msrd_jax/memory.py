@@ -1,0 +1,79 @@
+"""The single-category embedding memory bank (after MemAE, Gong et al., ICCV 2019).
+
+Each position of the one-class embedding is replaced by (or added to) a sparse convex
+combination of N learned prototypes of the normal class, so that the decoder sees only
+what normal images look like and reconstructs anomalies badly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+SHRINK_EPS = 1e-12
+
+
+def read_weights(z: jax.Array, memory: jax.Array, temperature: float,
+                 shrink: float) -> jax.Array:
+  """Addressing weights of each query over the memory slots.
+
+  Args:
+    z: (P, D) queries.
+    memory: (N, D) slots.
+    temperature: tau in softmax(cos(z, m) / tau).
+    shrink: lambda of the hard shrinkage; 0 disables it.
+
+  Returns:
+    (P, N) non-negative weights summing to 1 over N (up to 1e-12 for an all-zero row).
+  """
+  zn = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-8)
+  mn = memory / jnp.maximum(jnp.linalg.norm(memory, axis=-1, keepdims=True), 1e-8)
+  w = jax.nn.softmax(zn @ mn.T / temperature, axis=-1)
+  if shrink > 0:
+    # MemAE's continuous hard shrinkage: weights below lambda become exactly zero.
+    w = nn.relu(w - shrink) * w / (jnp.abs(w - shrink) + SHRINK_EPS)
+    w = w / (jnp.sum(w, axis=-1, keepdims=True) + SHRINK_EPS)
+  return w
+
+
+def entropy(w: jax.Array) -> jax.Array:
+  """Mean over queries of -sum_k w_k log(w_k + 1e-12); w: (P, N)."""
+  return jnp.mean(-jnp.sum(w * jnp.log(w + SHRINK_EPS), axis=-1))
+
+
+class MemoryBank(nn.Module):
+  """z: (B, h, w, D) -> (z', entropy scalar, weights (B, h, w, N)).
+
+  mode 'replace': z' = w M; 'residual': z' = z + g * w M with g a learned scalar
+  starting at 0; 'off': z' = z (and entropy 0).
+  """
+  slots: int = 50
+  temperature: float = 0.05
+  shrink: float | None = None  # None means 1 / slots
+  mode: str = 'replace'
+
+  @nn.compact
+  def __call__(self, z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    if self.mode == 'off':
+      return z, jnp.zeros((), jnp.float32), jnp.zeros((*z.shape[:-1], 0), jnp.float32)
+    if self.mode not in ('replace', 'residual'):
+      raise ValueError(f"memory mode must be 'replace', 'residual' or 'off', got "
+                       f'{self.mode!r}')
+    d = z.shape[-1]
+    bound = 1.0 / jnp.sqrt(d)  # MemAE's uniform init
+    memory = self.param(
+        'memory', lambda k, s: jax.random.uniform(k, s, jnp.float32, -bound, bound),
+        (self.slots, d))
+    shrink = 1.0 / self.slots if self.shrink is None else self.shrink
+    queries = z.reshape(-1, d).astype(jnp.float32)
+    w = read_weights(queries, memory, self.temperature, shrink)
+    zhat = (w @ memory).reshape(z.shape).astype(z.dtype)
+    if self.mode == 'replace':
+      out = zhat
+    else:
+      gate = self.param('gate', nn.initializers.zeros, ())
+      out = z + gate.astype(z.dtype) * zhat
+    return out, entropy(w), w.reshape(*z.shape[:-1], self.slots)
