@@ -106,6 +106,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   problems += _one_of('model.memory.mode', m.memory.mode, MEMORY_MODES)
   if m.memory.slots < 1:
     problems.append(f'model.memory.slots must be >= 1, got {m.memory.slots}')
+  if m.memory.shrink is not None and not 0 <= m.memory.shrink < 1:
+    problems.append(f'model.memory.shrink must be in [0, 1) or None, got {m.memory.shrink}')
   if m.memory.temperature <= 0:
     problems.append(f'model.memory.temperature must be > 0, got {m.memory.temperature}')
   problems += _one_of('data.dataset', d.dataset, DATASETS)

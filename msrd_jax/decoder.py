@@ -20,11 +20,29 @@ from msrd_jax import teacher
 from msrd_jax.coord_attention import CoordAttention
 
 
-def deconv(features: int, name: str, dtype: Any) -> nn.ConvTranspose:
-  """2x2 transposed convolution with stride 2: (h, w) -> (2h, 2w)."""
-  return nn.ConvTranspose(features, (2, 2), strides=(2, 2), padding='VALID',
-                          use_bias=False, kernel_init=teacher.conv_init, dtype=dtype,
-                          name=name)
+class Deconv2x2(nn.Module):
+  """2x2 transposed convolution with stride 2 and no bias: (B, h, w, C) -> (B, 2h, 2w, F).
+
+  With kernel 2 and stride 2 the output windows do not overlap, so
+  out[2i + a, 2j + b] = x[i, j] @ kernel[a, b], exactly PyTorch's
+  ConvTranspose2d(C, F, 2, stride=2) with kernel[a, b, c, f] = weight[c, f, a, b].
+  Written as one matrix product and a pixel shuffle, its gradients are plain matrix
+  products too; XLA's generic transposed convolution is several times slower to
+  differentiate on CPU.
+  """
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    kernel = self.param('kernel', teacher.conv_init, (2, 2, c, self.features))
+    y = jnp.einsum('bhwc,xycf->bhxwyf', x.astype(self.dtype), kernel.astype(self.dtype))
+    return y.reshape(b, 2 * h, 2 * w, self.features)
+
+
+def deconv(features: int, name: str, dtype: Any) -> Deconv2x2:
+  return Deconv2x2(features, dtype=dtype, name=name)
 
 
 class DecoderBlock(nn.Module):

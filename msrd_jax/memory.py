@@ -27,15 +27,18 @@ def read_weights(z: jax.Array, memory: jax.Array, temperature: float,
     shrink: lambda of the hard shrinkage; 0 disables it.
 
   Returns:
-    (P, N) non-negative weights summing to 1 over N (up to 1e-12 for an all-zero row).
+    (P, N) non-negative weights summing to 1 over N.
   """
   zn = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-8)
   mn = memory / jnp.maximum(jnp.linalg.norm(memory, axis=-1, keepdims=True), 1e-8)
   w = jax.nn.softmax(zn @ mn.T / temperature, axis=-1)
   if shrink > 0:
     # MemAE's continuous hard shrinkage: weights below lambda become exactly zero.
-    w = nn.relu(w - shrink) * w / (jnp.abs(w - shrink) + SHRINK_EPS)
-    w = w / (jnp.sum(w, axis=-1, keepdims=True) + SHRINK_EPS)
+    shrunk = nn.relu(w - shrink) * w / (jnp.abs(w - shrink) + SHRINK_EPS)
+    total = jnp.sum(shrunk, axis=-1, keepdims=True)
+    # A row with no weight above lambda (an exactly uniform softmax, e.g. for an all-zero
+    # query) would read nothing; it keeps its soft weights instead.
+    w = jnp.where(total > 0, shrunk / (total + SHRINK_EPS), w)
   return w
 
 
