@@ -45,7 +45,9 @@ class CoordAttention(nn.Module):
     pooled_w = jnp.mean(x, axis=1, keepdims=True)  # (B, 1, W, C): pooled over H
     # Both strips go through the shared layers as one (B, H + W, 1, C) tensor.
     y = jnp.concatenate([pooled_h, jnp.swapaxes(pooled_w, 1, 2)], axis=1)
-    y = nn.Conv(mip, (1, 1), dtype=self.dtype, name='conv1')(y)
+    # No bias: the BatchNorm right after removes it, and a parameter whose gradient is
+    # zero would only drift on rounding noise under Adam.
+    y = nn.Conv(mip, (1, 1), use_bias=False, dtype=self.dtype, name='conv1')(y)
     y = teacher.batch_norm(self.train, 'bn1', self.dtype, self.bn_axis_name)(y)
     y = h_swish(y)
     y_h, y_w = y[:, :h], jnp.swapaxes(y[:, h:], 1, 2)

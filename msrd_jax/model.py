@@ -99,8 +99,12 @@ class MSRD:
   def init(self, rng: jax.Array, teacher_vars: dict, image_size: int) -> dict:
     """Fresh student variables for square inputs of `image_size`."""
     images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    feats = self.teacher_features(teacher_vars, images)
-    return dict(self.student_eval.init(rng, feats))
+
+    @jax.jit  # eager initialization dispatches op by op and takes many seconds
+    def init(rng, teacher_vars):
+      return self.student_eval.init(rng, self.teacher_features(teacher_vars, images))
+
+    return dict(init(rng, teacher_vars))
 
   def apply_train(self, teacher_vars: dict, params: dict, batch_stats: dict,
                   images: jax.Array) -> tuple[list, list, dict, dict]:

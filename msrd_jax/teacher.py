@@ -108,7 +108,8 @@ def batch_norm(train: bool, name: str | None = None, dtype: Any = jnp.float32,
                axis_name: str | None = None) -> nn.BatchNorm:
   """BatchNorm with PyTorch's eps and momentum; batch statistics only when training."""
   return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                      epsilon=BN_EPS, dtype=dtype, axis_name=axis_name, name=name)
+                      epsilon=BN_EPS, dtype=dtype, axis_name=axis_name, name=name,
+                      use_fast_variance=False)
 
 
 class BasicBlock(nn.Module):
