@@ -106,3 +106,11 @@ def list_visa(root: str | os.PathLike, category: str,
   samples.sort(
       key=lambda s: (s.defect_type, os.path.basename(s.image_path), s.name))
   return samples
+
+
+def visa_categories(root: str | os.PathLike) -> list[str]:
+  """The object names of VisA's split file, sorted."""
+  csv_path = os.path.join(os.path.abspath(os.fspath(root)), SPLIT_CSV)
+  if not os.path.isfile(csv_path):
+    raise DataError(f'the VisA split file {csv_path} does not exist')
+  return sorted({row['object'] for _, row in _read_rows(csv_path)})

@@ -1,0 +1,29 @@
+"""The paper's setting on MVTec AD, one category per run.
+
+    python -m msrd_jax.train --config configs/mvtec.py --workdir workdirs/mvtec/bottle \
+        --config.data.root=/data/mvtec_anomaly_detection --config.data.category=bottle \
+        --config.model.teacher_weights=teachers/wide_resnet50_2.msgpack
+
+wide_resnet50_2 teacher at 256 x 256, batch 16, Adam (0.005, 0.5, 0.999), 200 epochs, no
+augmentation (RD4AD's settings; the article's are not public). Get the data set from
+https://www.mvtec.com/company/research/datasets/mvtec-ad and the teacher weights by
+porting torchvision's ImageNet checkpoint once:
+
+    python -m msrd_jax.port --arch wide_resnet50_2 \
+        --input wide_resnet50_2-32ee1156.pth --output teachers/wide_resnet50_2.msgpack
+
+`configs/mvtec.py:CATEGORY` is a shorthand for --config.data.category=CATEGORY; all
+categories in one go: `python -m msrd_jax.run_all --config configs/mvtec.py ...`.
+The same config serves BTAD, MPDD and one's own data in the MVTec layout (point
+data.root at it), and VisA with --config.data.dataset=visa.
+"""
+
+from msrd_jax.config import base_config
+
+
+def get_config(arg: str | None = None):
+  c = base_config()
+  c.data.dataset = 'mvtec'
+  c.data.category = arg or 'bottle'
+  # Everything else is base_config's defaults, which are the paper's settings.
+  return c

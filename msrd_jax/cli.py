@@ -1,0 +1,50 @@
+"""Command-line plumbing shared by train, evaluate and run_all: flags and clean errors.
+
+Every command takes `--config path/to/config.py[:arg]` (any field overridable as
+`--config.a.b=value`) and `--workdir DIR`. Errors a user can cause (bad data, missing
+weights, a mismatched checkpoint, a diverged run, an invalid field) end the command with
+one line on stderr and exit status 2 instead of a stack trace.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from msrd_jax import checkpoint
+from msrd_jax import config as config_lib
+from msrd_jax import port
+from msrd_jax import teacher
+from msrd_jax.data.errors import DataError
+
+FLAGS = flags.FLAGS
+
+# The errors whose message is the whole story for the user.
+USER_ERRORS = (DataError, config_lib.ConfigError, checkpoint.CheckpointMismatch,
+               teacher.TeacherFileError, port.PortError, FileNotFoundError)
+
+
+def define_flags(workdir_help: str = 'Directory of the run (checkpoints, metrics, '
+                 'results).') -> None:
+  config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, workdir_help)
+  flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def run(argv, fn: Callable, extra_errors: tuple = ()) -> None:
+  """Calls fn(config, workdir) and turns user errors into one line and exit code 2."""
+  if len(argv) > 1:
+    raise SystemExit(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not FLAGS['verbosity'].present:
+    # Orbax reports every file it writes at INFO; keep the progress bar readable.
+    logging.set_verbosity(logging.WARNING)
+  try:
+    fn(FLAGS.config, FLAGS.workdir)
+  except USER_ERRORS + extra_errors as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)

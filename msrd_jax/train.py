@@ -1,0 +1,303 @@
+"""Training: one jit-compiled, data-parallel step, Orbax checkpoints, resumable runs.
+
+    python -m msrd_jax.train --config configs/synthetic.py --workdir workdirs/demo
+    python -m msrd_jax.train --config configs/mvtec.py --workdir workdirs/bottle \
+        --config.data.root=/data/mvtec_anomaly_detection --config.data.category=bottle
+
+Running the same command again after a crash or Ctrl-C resumes from the last checkpoint
+and ends with the same parameters as an uninterrupted run. When eval.after_training is
+set, the test set is evaluated at the end (see msrd_jax.evaluate).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from msrd_jax import checkpoint
+from msrd_jax import config as config_lib
+from msrd_jax import data as data_lib
+from msrd_jax import losses
+from msrd_jax import teacher as teacher_lib
+from msrd_jax.model import MSRD
+
+AXIS = 'batch'
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss or the parameters became NaN or Inf."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training; a pytree, saved whole in checkpoints."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  t = config.train
+  return optax.adam(t.learning_rate, b1=t.b1, b2=t.b2)
+
+
+def load_teacher_variables(config: ml_collections.ConfigDict) -> dict:
+  """The teacher of a config: ported weights, or a random one from config.seed."""
+  arch = config.model.backbone
+  if config.model.teacher_weights:
+    return teacher_lib.load_teacher(arch, config.model.teacher_weights)
+  return teacher_lib.init_teacher(arch, seed=config.seed, warn=True)
+
+
+def create_state(model: MSRD, tx: optax.GradientTransformation, teacher_vars: dict,
+                 config: ml_collections.ConfigDict) -> TrainState:
+  """A fresh state (step 0) on the host's default device."""
+  rng, init_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  variables = model.init(init_rng, teacher_vars, config.data.image_size)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+                    batch_stats=variables['batch_stats'],
+                    opt_state=tx.init(variables['params']), rng=rng)
+
+
+def make_train_step(model: MSRD, tx: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict,
+                    axis_name: str | None = AXIS) -> Callable:
+  """The pure step (state, teacher_vars, images) -> (state, metrics).
+
+  Under pmap with `axis_name`, gradients and metrics are averaged across devices and
+  BatchNorm statistics are synchronized, so N devices with a global batch B compute what
+  one device computes with B. images: (b, S, S, 3) float32 in [0, 1].
+  """
+  kind = config.train.loss
+  entropy_weight = (config.model.memory.entropy_weight
+                    if config.model.memory.mode != 'off' else 0.0)
+
+  def loss_fn(params, batch_stats, teacher_vars, images):
+    e, d, aux, new_stats = model.apply_train(teacher_vars, params, batch_stats, images)
+    distill = losses.distillation_loss(e, d, kind)
+    loss = distill + entropy_weight * aux['entropy']
+    return loss, (distill, aux['entropy'], new_stats)
+
+  def step(state: TrainState, teacher_vars: dict, images: jax.Array):
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (distill, entropy, new_stats)), grads = grad_fn(
+        state.params, state.batch_stats, teacher_vars, images)
+    metrics = {'loss': loss, 'distill_loss': distill, 'entropy': entropy}
+    if axis_name is not None:
+      grads = jax.lax.pmean(grads, axis_name)
+      metrics = jax.lax.pmean(metrics, axis_name)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics['grad_norm'] = optax.tree.norm(grads)
+    # One flag for everything that must stay finite before a checkpoint may be written.
+    metrics['finite'] = (jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm'])
+                         & jnp.isfinite(optax.tree.norm(params)))
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+  return step
+
+
+def total_steps(config: ml_collections.ConfigDict, num_samples: int) -> int:
+  if config.train.steps is not None:
+    return int(config.train.steps)
+  return max(1, math.ceil(config.train.epochs * num_samples / config.train.batch_size))
+
+
+def _replicate(tree, devices):
+  """One copy of every leaf per device, laid out as pmap lays out its own outputs.
+
+  pmap's outputs are sharded over a mesh whose axis is named after pmap's axis_name;
+  inputs sharded the same way keep the second step from compiling everything again.
+  """
+  n = len(devices)
+
+  def put(x):
+    x = np.broadcast_to(np.asarray(x), (n, *np.shape(x)))
+    mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
+    return jax.device_put(x, jax.sharding.NamedSharding(mesh,
+                                                        jax.sharding.PartitionSpec(AXIS)))
+
+  return jax.tree_util.tree_map(put, tree)
+
+
+def _unreplicate(tree):
+  return jax.tree_util.tree_map(lambda x: x[0], tree)
+
+
+def _host_state(state: TrainState) -> dict:
+  return flax.serialization.to_state_dict(jax.device_get(_unreplicate(state)))
+
+
+class _Log:
+  """metrics.jsonl (appended) and the progress bar's figures."""
+
+  def __init__(self, path: str, enabled: bool, batch_size: int, start_step: int):
+    self.path = path
+    self.enabled = enabled
+    self.batch_size = batch_size
+    self.last = (start_step, time.perf_counter())
+
+  def images_per_second(self, step_done: int) -> float:
+    """Throughput since the previous call (the first window includes compilation)."""
+    now = time.perf_counter()
+    steps, seconds = step_done - self.last[0], now - self.last[1]
+    self.last = (step_done, now)
+    return steps * self.batch_size / max(seconds, 1e-9)
+
+  def write(self, record: dict) -> None:
+    if self.enabled:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+def train(config: ml_collections.ConfigDict, workdir: str,
+          on_step: Callable[[int], None] | None = None) -> TrainState:
+  """Trains (or resumes) the run in `workdir`; returns the final state on the host.
+
+  Args:
+    config: a full config (see msrd_jax.config).
+    workdir: where config.json, metrics.jsonl and checkpoints/ live.
+    on_step: called with the step number after each step is dispatched (tests use it
+      to interrupt a run).
+  """
+  config_lib.validate(config)
+  if config.train.distributed:
+    jax.distributed.initialize()
+  is_main = jax.process_index() == 0
+  devices = jax.local_devices()
+
+  reader, root = config_lib.resolve_data(config)
+  samples = data_lib.list_samples(reader, root, config.data.category, 'train')
+  loader = data_lib.TrainLoader(
+      samples, config.data.image_size, config.train.batch_size, seed=config.seed,
+      num_local_devices=len(devices), process_index=jax.process_index(),
+      process_count=jax.process_count(), num_threads=config.data.num_threads,
+      prefetch=config.data.prefetch, cache_bytes=config.data.cache_bytes)
+  num_steps = total_steps(config, loader.num_samples)
+
+  teacher_vars = load_teacher_variables(config)
+  model = MSRD(config, bn_axis_name=AXIS)
+  tx = make_optimizer(config)
+  state = create_state(model, tx, teacher_vars, config)
+
+  with checkpoint.Workdir(workdir, keep=config.train.keep_checkpoints) as wd:
+    wd.check_compatible(config)  # before anything in the directory is written
+    start = wd.latest_step() or 0
+    if start:
+      restored, meta = wd.restore(flax.serialization.to_state_dict(state))
+      state = flax.serialization.from_state_dict(state, restored)
+      start = int(meta['data_step'])
+    if is_main:
+      wd.write_config(config)
+    fingerprint = teacher_lib.fingerprint(teacher_vars)
+    ident = checkpoint.identity(config)
+
+    def save(step_done: int, host: dict) -> None:
+      wd.save(step_done, host, {
+          'data_step': step_done, 'epoch': step_done / loader.steps_per_epoch,
+          'identity': ident, 'teacher_fingerprint': fingerprint,
+          'num_steps': num_steps, 'time': time.time()})
+
+    if start >= num_steps:
+      print(f'{workdir}: already trained ({start} of {num_steps} steps)')
+      return state
+
+    p_step = jax.pmap(make_train_step(model, tx, config), axis_name=AXIS,
+                      donate_argnums=(0,))
+    state = _replicate(state, devices)
+    teacher_r = _replicate(teacher_vars, devices)
+    log = _Log(os.path.join(wd.path, 'metrics.jsonl'), is_main,
+               config.train.batch_size, start)
+    every = config.train.checkpoint_every_steps
+    bar = tqdm(total=num_steps, initial=start, unit='step', dynamic_ncols=True,
+               disable=not is_main, desc=f'train {config.data.category}')
+    pending: tuple[int, Any] | None = None
+    verified = start  # state after this many steps is known to be finite
+
+    def check(step_done: int, metrics) -> dict:
+      nonlocal verified
+      m = jax.device_get(_unreplicate(metrics))
+      if not bool(m['finite']):
+        raise TrainingDiverged(
+            f'loss {float(m["loss"])} / gradient norm {float(m["grad_norm"])} at step '
+            f'{step_done - 1} (0-based) is not finite; training stopped. The last good '
+            f'checkpoint (step {wd.latest_step()}) is kept in {wd.checkpoint_dir}.')
+      verified = step_done
+      return {k: float(v) for k, v in m.items() if k != 'finite'}
+
+    def report(step_done: int, m: dict) -> None:
+      if step_done % config.train.log_every_steps and step_done != num_steps:
+        return
+      rate = log.images_per_second(step_done)
+      bar.set_postfix(loss=f'{m["loss"]:.4f}', img_s=f'{rate:.1f}')
+      log.write({'step': step_done, 'epoch': round(step_done / loader.steps_per_epoch, 3),
+                 **m, 'images_per_second': rate})
+
+    try:
+      with loader.iterate(start) as batches:
+        for batch in batches:
+          step = int(batch['step'])
+          if step >= num_steps:
+            break
+          images = data_lib.shard_batch(batch['image'], len(devices))
+          state, metrics = p_step(state, teacher_r, images)
+          if pending is not None:  # the previous step's figures, without a stall
+            report(pending[0], check(*pending))
+          pending = (step + 1, metrics)
+          if (step + 1) % every == 0 or step + 1 == num_steps:
+            report(step + 1, check(*pending))
+            pending = None
+            save(step + 1, _host_state(state))
+          bar.update(1)
+          if on_step is not None:
+            on_step(step + 1)
+    except KeyboardInterrupt:
+      # Keep what was done, if it is sound, then stop as asked.
+      if pending is not None:
+        check(*pending)
+      if verified > (wd.latest_step() or 0):
+        save(verified, _host_state(state))
+        print(f'\ninterrupted: saved step {verified} in {wd.checkpoint_dir}',
+              file=sys.stderr)
+      raise
+    finally:
+      bar.close()
+    return jax.device_get(_unreplicate(state))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+  """Trains, then (if eval.after_training) evaluates; returns the results or None."""
+  train(config, workdir)
+  if not config.eval.after_training:
+    return None
+  from msrd_jax import evaluate  # pylint: disable=g-import-not-at-top
+  return evaluate.evaluate(config, workdir)
+
+
+def main(argv) -> None:
+  from msrd_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(argv, train_and_evaluate, extra_errors=(TrainingDiverged,))
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from msrd_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.define_flags()
+  app.run(main)

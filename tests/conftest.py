@@ -1,0 +1,44 @@
+"""Shared fixtures: a small synthetic benchmark and a config that trains in seconds."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+from msrd_jax import config as config_lib
+from msrd_jax.data.synthetic import ensure_synthetic
+
+TRAIN_CATEGORIES = ('brick', 'grass')
+
+
+@pytest.fixture(scope='session', autouse=True)
+def compilation_cache(tmp_path_factory):
+  # Several tests compile the same training step; the persistent cache compiles it once.
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('xla')))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  yield
+
+
+@pytest.fixture(scope='session')
+def synthetic_root(tmp_path_factory) -> str:
+  """Two categories of the synthetic benchmark, generated once per session."""
+  return ensure_synthetic(tmp_path_factory.mktemp('synthetic') / 'bench',
+                          categories=TRAIN_CATEGORIES)
+
+
+def tiny_config(root: str, category: str = 'brick', steps: int = 6):
+  """The demo config at test scale: resnet18, 96 px, batch 8."""
+  c = config_lib.base_config()
+  c.model.backbone = 'resnet18'
+  c.data.dataset = 'mvtec'
+  c.data.root = root
+  c.data.category = category
+  c.data.image_size = 96  # 64 px puts the OCE at 2x2, where XLA CPU convolutions crawl
+  c.data.num_threads = 2
+  c.train.batch_size = 8
+  c.train.steps = steps
+  c.train.checkpoint_every_steps = 2
+  c.train.log_every_steps = 1
+  c.eval.batch_size = 16
+  c.eval.num_pictures = 4
+  return c

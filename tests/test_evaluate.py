@@ -1,0 +1,150 @@
+"""Evaluation and the all-categories command, end to end on the synthetic benchmark."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from msrd_jax import checkpoint
+from msrd_jax import evaluate
+from msrd_jax import run_all
+from msrd_jax import teacher
+from msrd_jax import train
+from conftest import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METRICS = ('image_auroc', 'pixel_auroc', 'au_pro', 'image_ap', 'pixel_ap',
+           'image_f1_max', 'pixel_f1_max', 'au_pro_rd4ad')
+
+
+def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
+
+
+def _check_png(path: str) -> None:
+  with Image.open(path) as im:
+    assert im.format == 'PNG' and min(im.size) >= 100
+
+
+def test_demo_command_trains_then_writes_results_and_pictures(synthetic_root, tmp_path):
+  # The README's main job, at test scale: the synthetic config, two overrides shorter.
+  out = _cli('msrd_jax.train', '--config', 'configs/synthetic.py', '--workdir',
+             str(tmp_path), '--config.data.dataset=mvtec',
+             f'--config.data.root={synthetic_root}', '--config.data.image_size=96',
+             '--config.train.steps=4', '--config.train.batch_size=8',
+             '--config.eval.num_pictures=4')
+  assert out.returncode == 0, out.stderr[-3000:]
+  with open(tmp_path / 'results.json') as f:
+    results = json.load(f)
+  assert list(results) == ['brick']
+  for key in METRICS:
+    assert 0.0 <= results['brick'][key] <= 1.0, key
+  table = (tmp_path / 'results.md').read_text()
+  assert '| brick |' in table and '| Mean |' in table
+  with open(tmp_path / 'evaluation.json') as f:
+    info = json.load(f)
+  assert info['checkpoint_step'] == 4 and info['test_images'] == 52
+  assert set(info['image_auroc_per_defect_type']) == {'color', 'misplaced', 'scratch',
+                                                       'stain'}
+  _check_png(tmp_path / 'pictures' / 'examples.png')
+  _check_png(tmp_path / 'pictures' / 'curves.png')
+  assert 'RANDOM weights' in out.stderr  # the random teacher is announced loudly
+
+
+def test_evaluate_without_checkpoint_is_one_clear_line(synthetic_root, tmp_path):
+  out = _cli('msrd_jax.evaluate', '--config', 'configs/synthetic.py', '--workdir',
+             str(tmp_path / 'nothing'), '--config.data.dataset=mvtec',
+             f'--config.data.root={synthetic_root}')
+  assert out.returncode == 2
+  assert 'error: no checkpoint' in out.stderr and 'Traceback' not in out.stderr
+
+
+def test_train_without_data_says_where_to_get_it(tmp_path):
+  out = _cli('msrd_jax.train', '--config', 'configs/mvtec.py', '--workdir',
+             str(tmp_path))
+  assert out.returncode == 2
+  assert 'mvtec.com' in out.stderr and '--config.data.root' in out.stderr
+  assert 'Traceback' not in out.stderr
+
+
+@pytest.fixture(scope='module')
+def run_with_teacher_file(synthetic_root, tmp_path_factory):
+  """A short run whose teacher comes from a file, as a ported one would."""
+  base = tmp_path_factory.mktemp('teacher_run')
+  weights = str(base / 'teacher.msgpack')
+  teacher.save_teacher(weights, 'resnet18', teacher.init_teacher('resnet18', seed=3,
+                                                                 warn=False))
+  config = tiny_config(synthetic_root, steps=2)
+  config.model.teacher_weights = weights
+  workdir = str(base / 'run')
+  train.train(config, workdir)
+  return config, workdir, weights
+
+
+def test_evaluate_in_process_matches_its_files(run_with_teacher_file):
+  config, workdir, _ = run_with_teacher_file
+  results = evaluate.evaluate(config, workdir, pictures=False)
+  with open(os.path.join(workdir, 'results.json')) as f:
+    assert json.load(f) == results
+  # Evaluating twice gives the same numbers: the maps are deterministic.
+  assert evaluate.evaluate(config, workdir, pictures=False) == results
+
+
+def test_evaluate_refuses_a_checkpoint_of_another_teacher(run_with_teacher_file):
+  config, workdir, weights = run_with_teacher_file
+  teacher.save_teacher(weights, 'resnet18', teacher.init_teacher('resnet18', seed=4,
+                                                                 warn=False))
+  with pytest.raises(checkpoint.CheckpointMismatch, match='another teacher'):
+    evaluate.evaluate(config, workdir, pictures=False)
+
+
+def test_evaluate_refuses_an_incompatible_config(run_with_teacher_file):
+  config, workdir, _ = run_with_teacher_file
+  other = tiny_config(config.data.root, steps=2)
+  other.model.teacher_weights = config.model.teacher_weights
+  other.model.memory.mode = 'off'
+  with pytest.raises(checkpoint.CheckpointMismatch, match=r'model\.memory\.mode'):
+    evaluate.evaluate(other, workdir, pictures=False)
+
+
+def test_picture_indices_cover_defects_and_good_images():
+  labels = np.array([1] * 30 + [0] * 10)
+  idx = evaluate.picture_indices(labels, 8)
+  assert len(idx) == 8 and len(set(idx.tolist())) == 8
+  assert (labels[idx] == 1).sum() == 6 and (labels[idx] == 0).sum() == 2
+  assert evaluate.picture_indices(labels, 0).size == 0
+  assert len(evaluate.picture_indices(labels[:3], 8)) == 3
+
+
+def test_run_all_trains_each_category_once_and_writes_one_table(synthetic_root, tmp_path,
+                                                                monkeypatch):
+  config = tiny_config(synthetic_root, steps=2)
+  config.eval.num_pictures = 2
+  results = run_all.run_all(config, str(tmp_path), ['brick', 'grass'])
+  assert sorted(results) == ['brick', 'grass']
+  table = (tmp_path / 'results.md').read_text()
+  assert '| brick |' in table and '| grass |' in table
+  mean_row = [line for line in table.splitlines() if line.startswith('| Mean |')][0]
+  expected = np.mean([results[c]['image_auroc'] for c in results]) * 100
+  assert f'{expected:.1f}' in mean_row
+  for c in ('brick', 'grass'):
+    assert (tmp_path / c / 'pictures' / 'examples.png').exists()
+
+  # Run again: everything is done, nothing is trained or evaluated.
+  def fail(*args, **kwargs):
+    raise AssertionError('a finished category was run again')
+  monkeypatch.setattr(train, 'train_and_evaluate', fail)
+  assert run_all.run_all(config, str(tmp_path), ['brick', 'grass']) == results
+
+
+def test_run_all_discovers_the_categories_of_a_root(synthetic_root):
+  config = tiny_config(synthetic_root)
+  assert run_all.discover_categories(config) == ['brick', 'grass']

@@ -1,0 +1,216 @@
+"""Training: loss goes down, pmap equals one device, runs resume exactly, bad runs stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax
+import jax
+import numpy as np
+import optax
+import pytest
+
+from msrd_jax import checkpoint
+from msrd_jax import config as config_lib
+from msrd_jax import train
+from conftest import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _leaves(state) -> list[np.ndarray]:
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(
+      (state.params, state.batch_stats, state.opt_state))]
+
+
+def _metrics(workdir) -> list[dict]:
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(synthetic_root, tmp_path_factory):
+  """One full run of 6 steps; other tests compare against it."""
+  workdir = str(tmp_path_factory.mktemp('full'))
+  state = train.train(tiny_config(synthetic_root), workdir)
+  return workdir, state
+
+
+def test_short_run_lowers_the_loss_and_logs(uninterrupted):
+  workdir, state = uninterrupted
+  records = _metrics(workdir)
+  assert [r['step'] for r in records] == [1, 2, 3, 4, 5, 6]
+  assert records[-1]['loss'] < 0.8 * records[0]['loss'], records
+  assert all(np.isfinite(r['images_per_second']) for r in records)
+  assert int(state.step) == 6
+  with open(os.path.join(workdir, 'config.json')) as f:
+    saved = json.load(f)
+  assert saved['model']['backbone'] == 'resnet18' and saved['train']['steps'] == 6
+  with checkpoint.Workdir(workdir, create=False) as wd:
+    assert wd.latest_step() == 6
+    assert wd.restore_meta()['data_step'] == 6
+
+
+class Crash(RuntimeError):
+  pass
+
+
+def _crash_at(step_to_crash: int):
+  def on_step(step):
+    if step == step_to_crash:
+      raise Crash(f'simulated crash after step {step}')
+  return on_step
+
+
+def test_crashed_run_resumes_to_the_same_parameters(synthetic_root, uninterrupted,
+                                                    tmp_path):
+  _, reference = uninterrupted
+  config = tiny_config(synthetic_root)
+  with pytest.raises(Crash):
+    train.train(config, str(tmp_path), on_step=_crash_at(3))
+  with checkpoint.Workdir(str(tmp_path), create=False) as wd:
+    assert wd.latest_step() == 2  # step 3 was lost with the crash; 2 was saved
+  resumed = train.train(config, str(tmp_path))
+  for got, want in zip(_leaves(resumed), _leaves(reference)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  # The log continues where the crashed run stopped being saved.
+  assert [r['step'] for r in _metrics(str(tmp_path))][-4:] == [3, 4, 5, 6]
+
+
+def test_interrupted_run_saves_its_last_step_and_resumes(synthetic_root, uninterrupted,
+                                                         tmp_path):
+  _, reference = uninterrupted
+  config = tiny_config(synthetic_root)
+
+  def interrupt(step):
+    if step == 5:
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    train.train(config, str(tmp_path), on_step=interrupt)
+  with checkpoint.Workdir(str(tmp_path), create=False) as wd:
+    assert wd.latest_step() == 5  # Ctrl-C keeps the work done
+  resumed = train.train(config, str(tmp_path))
+  for got, want in zip(_leaves(resumed), _leaves(reference)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_incompatible_config_is_refused_and_checkpoint_kept(synthetic_root,
+                                                            uninterrupted):
+  workdir, _ = uninterrupted
+  before = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(workdir)
+            for p in fs}
+  for field, value in (('model.fusion', 'mff'), ('model.backbone', 'resnet34')):
+    config = tiny_config(synthetic_root, steps=8)
+    section, name = field.split('.')
+    config[section][name] = value
+    with pytest.raises(checkpoint.CheckpointMismatch, match=field.replace('.', r'\.')):
+      train.train(config, workdir)
+  after = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(workdir)
+           for p in fs}
+  assert before == after
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
+    synthetic_root, tmp_path, monkeypatch):
+  real = train.make_optimizer
+
+  def poisoned(config):
+    # Updates turn NaN from the 4th step (0-based step 3) on.
+    def update(updates, state, params=None):
+      bad = state >= 3
+      return (jax.tree_util.tree_map(lambda u: jax.numpy.where(bad, jax.numpy.nan, u),
+                                     updates), state + 1)
+    poison = optax.GradientTransformation(lambda p: jax.numpy.zeros((), 'int32'), update)
+    return optax.chain(real(config), poison)
+
+  monkeypatch.setattr(train, 'make_optimizer', poisoned)
+  with pytest.raises(train.TrainingDiverged, match=r'at step 3 .*step 2\)'):
+    train.train(tiny_config(synthetic_root), str(tmp_path))
+  with checkpoint.Workdir(str(tmp_path), create=False) as wd:
+    assert wd.latest_step() == 2
+    model = train.MSRD(tiny_config(synthetic_root))
+    teacher_vars = train.load_teacher_variables(tiny_config(synthetic_root))
+    template = flax.serialization.to_state_dict(jax.eval_shape(
+        lambda: train.create_state(model, poisoned(tiny_config(synthetic_root)),
+                                   teacher_vars, tiny_config(synthetic_root))))
+    state, _ = wd.restore(template)
+  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state['params']))
+
+
+def test_missing_mvtec_root_says_where_to_get_it():
+  config = config_lib.base_config()
+  with pytest.raises(FileNotFoundError, match=r'mvtec\.com.*--config\.data\.root'):
+    config_lib.resolve_data(config)
+
+
+# Runs in a subprocess: the device count is fixed when JAX starts.
+PMAP_SCRIPT = textwrap.dedent('''
+    import jax, numpy as np, optax
+    jax.config.update('jax_enable_x64', True)
+    from msrd_jax import config as config_lib, model as model_lib, teacher, train
+    assert jax.local_device_count() == 8, jax.devices()
+
+    def runs(dtype):
+      """Parameter updates and BN statistics after 3 steps, on 1 and on 8 devices."""
+      c = config_lib.base_config()
+      c.model.backbone = 'resnet18'
+      c.data.image_size = 96
+      c.train.dtype = dtype
+      # MemAE's hard shrinkage is a step at lambda: a rounding-level change of the
+      # input can move a read weight across it, so the comparison reads unshrunk.
+      c.model.memory.shrink = 0.0
+      tv = teacher.init_teacher('resnet18', warn=False)
+      m = model_lib.MSRD(c, bn_axis_name=train.AXIS)
+      # SGD keeps the parameters linear in the gradients; Adam would turn rounding
+      # noise in near-zero gradients into full-size steps.
+      tx = optax.sgd(0.05)
+      state0 = train.create_state(m, tx, tv, c)
+      out = {}
+      for n in (1, 8):
+        devices = jax.local_devices()[:n]
+        step = jax.pmap(train.make_train_step(m, tx, c), axis_name=train.AXIS,
+                        devices=devices)
+        state = train._replicate(state0, devices)
+        tvr = train._replicate(tv, devices)
+        rng = np.random.default_rng(0)
+        for _ in range(3):  # a global batch of 8: 8 x 1 image or 1 x 8 images
+          images = rng.uniform(size=(8, 96, 96, 3)).astype(np.float32)
+          state, metrics = step(state, tvr, images.reshape(n, 8 // n, 96, 96, 3))
+        delta = jax.tree_util.tree_map(
+            lambda a, b: np.asarray(a[0], np.float64) - np.asarray(b, np.float64),
+            state.params, state0.params)
+        out[n] = (np.concatenate([x.ravel() for x in jax.tree_util.tree_leaves(delta)]),
+                  [np.asarray(x[0], np.float64)
+                   for x in jax.tree_util.tree_leaves(state.batch_stats)])
+      return out
+
+    rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    stat_rel = lambda a, b: max(float(np.abs(x - y).max() / np.abs(y).max())
+                                for x, y in zip(a, b))
+    # In float64 compute, the data-parallel step is the single-device step.
+    f64 = runs('float64')
+    (one, one_stats), (eight, eight_stats) = f64[1], f64[8]
+    print('float64: updates', rel(eight, one), 'BN statistics', stat_rel(eight_stats, one_stats))
+    assert rel(eight, one) < 1e-3 and stat_rel(eight_stats, one_stats) < 1e-5
+    # In float32 the two differ no more than float32 rounding itself moves one device.
+    f32 = runs('float32')
+    one32, eight32 = f32[1][0], f32[8][0]
+    print('float32: 8 vs 1 device', rel(eight32, one32), '; float32 vs float64 on 1 device',
+          rel(one32, one))
+    assert rel(eight32, one32) < 3 * rel(one32, one) + 1e-6
+    print('equivalent')
+''')
+
+
+def test_eight_devices_equal_one_device_with_the_same_global_batch():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             PYTHONPATH=ROOT)
+  out = subprocess.run([sys.executable, '-c', PMAP_SCRIPT], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stdout + out.stderr
+  assert 'equivalent' in out.stdout
