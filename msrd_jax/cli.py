@@ -8,8 +8,11 @@ one line on stderr and exit status 2 instead of a stack trace.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
+
+import jax
 
 from absl import flags
 from absl import logging
@@ -36,6 +39,18 @@ def define_flags(workdir_help: str = 'Directory of the run (checkpoints, metrics
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def enable_compilation_cache() -> None:
+  """Keeps compiled XLA programs on disk, so a resumed run does not compile again.
+
+  The folder is $JAX_COMPILATION_CACHE_DIR if set, else <cache>/xla (see
+  config.default_cache_dir); an explicit jax config setting is left alone.
+  """
+  if jax.config.jax_compilation_cache_dir or os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+    return
+  jax.config.update('jax_compilation_cache_dir',
+                    os.path.join(config_lib.default_cache_dir(), 'xla'))
+
+
 def run(argv, fn: Callable, extra_errors: tuple = ()) -> None:
   """Calls fn(config, workdir) and turns user errors into one line and exit code 2."""
   if len(argv) > 1:
@@ -43,6 +58,7 @@ def run(argv, fn: Callable, extra_errors: tuple = ()) -> None:
   if not FLAGS['verbosity'].present:
     # Orbax reports every file it writes at INFO; keep the progress bar readable.
     logging.set_verbosity(logging.WARNING)
+  enable_compilation_cache()
   try:
     fn(FLAGS.config, FLAGS.workdir)
   except USER_ERRORS + extra_errors as e:

@@ -9,12 +9,14 @@ anomaly maps of every test image on the device (one jitted function), and writes
                               "au_pro": ..., ...}}   (fractions in [0, 1])
     DIR/results.md           the same as a Markdown table
     DIR/evaluation.json      checkpoint step, test-set counts, image AUROC per defect type
+    DIR/test_scores.csv      every test image's score, label and defect type
     DIR/pictures/examples.png  image | ground truth | heatmap overlay, for a sample
     DIR/pictures/curves.png    image and pixel ROC, PRO curve up to FPR 0.3
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from typing import Callable
@@ -151,6 +153,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
       'test_images': n, 'defective_images': int(labels.sum()),
       'image_auroc_per_defect_type': per_defect,
       'teacher_weights': config.model.teacher_weights})
+  with open(os.path.join(workdir, 'test_scores.csv'), 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(['name', 'defect_type', 'label', 'score'])
+    writer.writerows([s.name, s.defect_type, s.label, float(scores[i])]
+                     for i, s in enumerate(samples))
   if pictures:
     folder = os.path.join(workdir, 'pictures')
     os.makedirs(folder, exist_ok=True)

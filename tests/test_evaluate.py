@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -98,12 +99,42 @@ def test_evaluate_in_process_matches_its_files(run_with_teacher_file):
   assert evaluate.evaluate(config, workdir, pictures=False) == results
 
 
-def test_evaluate_refuses_a_checkpoint_of_another_teacher(run_with_teacher_file):
-  config, workdir, weights = run_with_teacher_file
-  teacher.save_teacher(weights, 'resnet18', teacher.init_teacher('resnet18', seed=4,
-                                                                 warn=False))
-  with pytest.raises(checkpoint.CheckpointMismatch, match='another teacher'):
-    evaluate.evaluate(config, workdir, pictures=False)
+def test_evaluate_refuses_a_checkpoint_of_another_teacher(run_with_teacher_file,
+                                                          tmp_path):
+  config, workdir, _ = run_with_teacher_file
+  other = config.copy_and_resolve_references()
+  # Same path in the config, other weights in the file: only the fingerprint can tell.
+  with open(config.model.teacher_weights, 'rb') as f:
+    original = f.read()
+  teacher.save_teacher(config.model.teacher_weights, 'resnet18',
+                       teacher.init_teacher('resnet18', seed=4, warn=False))
+  try:
+    with pytest.raises(checkpoint.CheckpointMismatch, match='another teacher'):
+      evaluate.evaluate(other, workdir, pictures=False)
+  finally:
+    with open(config.model.teacher_weights, 'wb') as f:
+      f.write(original)
+
+
+def test_predict_scores_new_images_as_evaluation_does(run_with_teacher_file, tmp_path):
+  from msrd_jax import predict
+  config, workdir, _ = run_with_teacher_file
+  evaluate.evaluate(config, workdir, pictures=False)
+  with open(os.path.join(workdir, 'test_scores.csv')) as f:
+    expected = {row['name']: float(row['score']) for row in csv.DictReader(f)}
+  folder = os.path.join(config.data.root, 'brick', 'test', 'scratch')
+  paths = predict.find_images(folder)
+  records = predict.predict(config, workdir, paths, str(tmp_path), root=folder)
+  assert len(records) == len(paths) == 8
+  for r in records:
+    name = 'test/scratch/' + os.path.basename(r['file'])
+    assert abs(r['score'] - expected[name]) <= 1e-5 * abs(expected[name])
+    stem = os.path.splitext(os.path.basename(r['file']))[0]
+    with Image.open(tmp_path / f'{stem}_heatmap.png') as im:
+      assert im.size == (96, 96) and im.mode == 'RGB'
+    assert 0 <= r['max_y'] < 96 and 0 <= r['max_x'] < 96
+  with open(tmp_path / 'scores.csv') as f:
+    assert len(list(csv.DictReader(f))) == 8
 
 
 def test_evaluate_refuses_an_incompatible_config(run_with_teacher_file):

@@ -111,7 +111,8 @@ def np_coord_attention(x, p, s):
   pooled_h = x.mean(axis=2)  # (B, H, C): average over W
   pooled_w = x.mean(axis=1)  # (B, W, C): average over H
   y = np.concatenate([pooled_h, pooled_w], axis=1)  # (B, H + W, C)
-  y = y @ p['conv1']['kernel'][0, 0] + p['conv1']['bias']
+  # The paper's conv1 has a bias; the BN right after absorbs it, so ours has none.
+  y = y @ p['conv1']['kernel'][0, 0]
   pre = np_bn(y, s['bn1'], p['bn1'])
   y = pre * np.clip(pre + 3.0, 0.0, 6.0) / 6.0
   y_h, y_w = y[:, :h], y[:, h:]
@@ -153,7 +154,7 @@ def test_coord_attention_mip_channels(channels, mip):
                           jax.ShapeDtypeStruct((1, 3, 5, channels), jnp.float32))
   p = shapes['params']
   assert p['conv1']['kernel'].shape == (1, 1, channels, mip)
-  assert p['conv1']['bias'].shape == (mip,)
+  assert 'bias' not in p['conv1']  # redundant before BN
   assert p['conv_h']['kernel'].shape == (1, 1, mip, channels)
   assert p['conv_w']['kernel'].shape == (1, 1, mip, channels)
   assert p['conv_h']['bias'].shape == (channels,)

@@ -1,0 +1,121 @@
+"""Anomaly maps and scores for new images with a trained run.
+
+    python -m msrd_jax.predict --config configs/mvtec.py --workdir workdirs/bottle \
+        --input photos/ --output predictions/
+
+--input is an image file or a folder (searched recursively for PNG/JPEG/BMP/TIFF).
+Writes OUTPUT/scores.csv (file, image score, map max location) and, per image,
+OUTPUT/<name>_heatmap.png (the map over the image) and, with --save_maps,
+OUTPUT/<name>_map.npy (the float32 map at eval.resolution). Scores are comparable only
+between images scored by the same run; choose a decision threshold on held-out images.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from typing import Sequence
+
+from absl import flags
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from msrd_jax import data as data_lib
+from msrd_jax import evaluate as evaluate_lib
+
+FLAGS = flags.FLAGS
+
+
+def find_images(path: str) -> list[str]:
+  """`path` itself if it is a file, else every image file below it, sorted."""
+  if os.path.isfile(path):
+    return [path]
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'--input {path!r} is neither an image file nor a folder')
+  found = sorted(os.path.join(d, f) for d, _, files in os.walk(path) for f in files
+                 if data_lib.folder.is_image_file(f)
+                 and not data_lib.folder.is_ignored_file(f))
+  if not found:
+    raise FileNotFoundError(f'no images ({", ".join(data_lib.IMAGE_EXTENSIONS)}) under '
+                            f'{path!r}')
+  return found
+
+
+def heatmap_overlay(image: np.ndarray, amap: np.ndarray, vmin: float,
+                    vmax: float) -> np.ndarray:
+  """(H, W, 3) uint8: the map in the jet colormap at alpha 0.5 over the image."""
+  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
+  norm = np.clip((amap - vmin) / max(vmax - vmin, 1e-12), 0, 1)
+  colored = colormaps['jet'](norm)[..., :3]
+  if image.shape[:2] != amap.shape:
+    image = data_lib.resize_image(image, amap.shape[0])
+  return (255 * (0.5 * image + 0.5 * colored)).round().astype(np.uint8)
+
+
+def predict(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str],
+            output: str, root: str | None = None, save_maps: bool = False) -> list[dict]:
+  """Scores every image of `inputs`; returns one record per image.
+
+  Output files are named after each image's path relative to `root` (folders joined
+  with '__'), or after its file name when `root` is None.
+  """
+  model, teacher_vars, student_vars, _ = evaluate_lib.load_run(config, workdir)
+  predict_fn = evaluate_lib.make_predict_fn(model, config)
+  size = config.data.image_size
+  os.makedirs(output, exist_ok=True)
+  records, maps = [], []
+  batch_size = config.eval.batch_size
+  for start in tqdm(range(0, len(inputs), batch_size), desc='predict', unit='batch',
+                    dynamic_ncols=True):
+    paths = inputs[start:start + batch_size]
+    images = np.stack([data_lib.resize_image(data_lib.load_image(p), size)
+                       for p in paths])
+    padded = np.zeros((batch_size, *images.shape[1:]), np.float32)
+    padded[:len(paths)] = images  # one compiled shape for every batch
+    amaps, scores = jax.device_get(predict_fn(teacher_vars, student_vars, padded))
+    for i, path in enumerate(paths):
+      y, x = np.unravel_index(np.argmax(amaps[i]), amaps[i].shape)
+      records.append({'file': path, 'score': float(scores[i]), 'max_y': int(y),
+                      'max_x': int(x)})
+      maps.append((path, images[i], amaps[i]))
+  # One color scale for all heatmaps, so that colors compare across images.
+  vmin = min(float(m.min()) for _, _, m in maps)
+  vmax = max(float(m.max()) for _, _, m in maps)
+  for path, image, amap in maps:
+    rel = os.path.relpath(path, root) if root else os.path.basename(path)
+    stem = os.path.splitext(rel)[0].replace(os.sep, '__')
+    Image.fromarray(heatmap_overlay(image, amap, vmin, vmax)).save(
+        os.path.join(output, f'{stem}_heatmap.png'))
+    if save_maps:
+      np.save(os.path.join(output, f'{stem}_map.npy'), amap.astype(np.float32))
+  with open(os.path.join(output, 'scores.csv'), 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=['file', 'score', 'max_y', 'max_x'])
+    writer.writeheader()
+    writer.writerows(records)
+  return records
+
+
+def main(argv) -> None:
+  from msrd_jax import cli  # pylint: disable=g-import-not-at-top
+
+  def run(config, workdir):
+    root = FLAGS.input if os.path.isdir(FLAGS.input) else None
+    records = predict(config, workdir, find_images(FLAGS.input), FLAGS.output, root,
+                      FLAGS.save_maps)
+    print(f'{len(records)} images scored; {os.path.join(FLAGS.output, "scores.csv")}')
+
+  cli.run(argv, run)
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from msrd_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.define_flags('Directory of the trained run.')
+  flags.DEFINE_string('input', None, 'An image file or a folder of images.')
+  flags.DEFINE_string('output', None, 'Folder for scores.csv and the heatmaps.')
+  flags.DEFINE_bool('save_maps', False, 'Also write each float32 map as .npy.')
+  flags.mark_flags_as_required(['input', 'output'])
+  app.run(main)
