@@ -1,6 +1,8 @@
 """XLA throughput of the model's hot paths, printed as images/s.
 
     python -m msrd_jax.benchmark teacher --arch wide_resnet50_2 --size 256 --batch 8
+    python -m msrd_jax.benchmark train --config configs/mvtec.py   # whole training step
+    python -m msrd_jax.benchmark params --config configs/mvtec.py  # parameter counts
 
 Each measurement compiles first (not timed), then times `--repeats` runs of `--iters`
 calls each, waiting for the device, and reports the median. Figures depend on the
@@ -69,6 +71,20 @@ def bench_train_step(config, batch: int, iters: int, repeats: int) -> float:
   return batch / time_calls(call, iters, repeats)
 
 
+def parameter_counts(config) -> dict[str, int]:
+  """Parameters per module (teacher and each part of the student), without allocating."""
+  from msrd_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from msrd_jax import teacher  # pylint: disable=g-import-not-at-top
+  count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+  teacher_shapes = teacher.teacher_shapes(config.model.backbone)
+  student = jax.eval_shape(lambda tv: model_lib.MSRD(config).init(
+      jax.random.key(0), tv, config.data.image_size), teacher_shapes)
+  counts = {'teacher (frozen)': count(teacher_shapes['params'])}
+  counts.update({k: count(v) for k, v in student['params'].items()})
+  counts['student total (trained)'] = count(student['params'])
+  return counts
+
+
 def _load_config(path: str, overrides: Sequence[str]):
   """A config file (`path[:arg]`) with `a.b=value` overrides, as the CLIs take them."""
   import ast  # pylint: disable=g-import-not-at-top
@@ -95,7 +111,7 @@ def _load_config(path: str, overrides: Sequence[str]):
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog='python -m msrd_jax.benchmark',
                                    description=__doc__.split('\n\n')[0])
-  parser.add_argument('what', choices=('teacher', 'train'))
+  parser.add_argument('what', choices=('teacher', 'train', 'params'))
   parser.add_argument('--arch', default='wide_resnet50_2',
                       help="an architecture, or 'all'")
   parser.add_argument('--size', type=int, default=256)
@@ -110,6 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   from msrd_jax import teacher  # pylint: disable=g-import-not-at-top
   print(f'backend {jax.default_backend()}, {jax.device_count()} device(s): '
         f'{jax.devices()[0].device_kind}')
+  if args.what == 'params':
+    config = _load_config(args.config, args.set)
+    print(f'parameters, {config.model.backbone} at {config.data.image_size} px:')
+    for name, n in parameter_counts(config).items():
+      print(f'  {name:>24}: {n:>12,}')
+    return 0
   if args.what == 'train':
     config = _load_config(args.config, args.set)
     batch = config.train.batch_size

@@ -77,7 +77,7 @@ class Workdir:
     self.manager = ocp.CheckpointManager(
         self.checkpoint_dir,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=create, read_only=not create,
+            max_to_keep=keep, create=create,
             # Half-written steps of a killed run are removed when training restarts.
             cleanup_tmp_directories=create),
         item_names=('state', 'meta'))

@@ -9,6 +9,7 @@ one line on stderr and exit status 2 instead of a stack trace.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Callable
 
@@ -51,6 +52,10 @@ def enable_compilation_cache() -> None:
                     os.path.join(config_lib.default_cache_dir(), 'xla'))
 
 
+def _raise_keyboard_interrupt(signum, frame):
+  raise KeyboardInterrupt(f'signal {signum}')
+
+
 def run(argv, fn: Callable, extra_errors: tuple = ()) -> None:
   """Calls fn(config, workdir) and turns user errors into one line and exit code 2."""
   if len(argv) > 1:
@@ -59,6 +64,8 @@ def run(argv, fn: Callable, extra_errors: tuple = ()) -> None:
     # Orbax reports every file it writes at INFO; keep the progress bar readable.
     logging.set_verbosity(logging.WARNING)
   enable_compilation_cache()
+  # A scheduler's SIGTERM gets the same treatment as Ctrl-C: training saves its step.
+  signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
   try:
     fn(FLAGS.config, FLAGS.workdir)
   except USER_ERRORS + extra_errors as e:

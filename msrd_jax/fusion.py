@@ -47,6 +47,8 @@ class ConvBNReLU(nn.Module):
 class Align(nn.Module):
   """RD's alignment: level k goes through (3 - k) 3x3/2 conv-BN-ReLU to level 3.
 
+  Applied to e1, e2, e3 directly this is RD4AD's MFF (alias below).
+
   features: [f1, f2, f3] with channels (C1, C2, C3) -> (B, h3, w3, 3 * C3).
   """
   channels: Sequence[int]
@@ -122,14 +124,6 @@ class MSFF(nn.Module):
     return Align(self.channels, name='align', **kw)(fused)
 
 
-class MFF(nn.Module):
-  """RD4AD's multi-scale feature fusion: alignment and concatenation only."""
-  channels: Sequence[int]
-  train: bool = False
-  dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
-
-  @nn.compact
-  def __call__(self, features: Sequence[jax.Array]) -> jax.Array:
-    return Align(self.channels, self.train, self.dtype, self.bn_axis_name,
-                 name='align')(features)
+# RD4AD's multi-scale feature fusion is the alignment and concatenation alone, applied
+# to the teacher's e1, e2, e3 directly.
+MFF = Align

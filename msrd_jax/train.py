@@ -269,17 +269,33 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           if on_step is not None:
             on_step(step + 1)
     except KeyboardInterrupt:
-      # Keep what was done, if it is sound, then stop as asked.
-      if pending is not None:
-        check(*pending)
-      if verified > (wd.latest_step() or 0):
-        save(verified, _host_state(state))
-        print(f'\ninterrupted: saved step {verified} in {wd.checkpoint_dir}',
-              file=sys.stderr)
+      _save_interrupted(state, pending, check, lambda: verified, save, wd)
       raise
     finally:
       bar.close()
     return jax.device_get(_unreplicate(state))
+
+
+def _save_interrupted(state, pending, check, verified: Callable[[], int], save,
+                      wd: checkpoint.Workdir) -> None:
+  """On Ctrl-C (or SIGTERM, see cli): keeps the state reached, if it is known sound.
+
+  The state is saved only when its own step counter is a step whose figures were
+  checked finite; an interrupt that lands inside a step (whose input buffers were
+  donated) leaves the last periodic checkpoint as it is.
+  """
+  try:
+    done = int(jax.device_get(state.step)[0])
+    if pending is not None and pending[0] == done:
+      check(*pending)
+    if done == verified() and done > (wd.latest_step() or 0):
+      save(done, _host_state(state))
+      print(f'\ninterrupted: saved step {done} in {wd.checkpoint_dir}', file=sys.stderr)
+  except TrainingDiverged:
+    raise
+  except (RuntimeError, ValueError) as e:  # e.g. a donated, deleted buffer
+    print(f'\ninterrupted inside a step ({e}); the last checkpoint is step '
+          f'{wd.latest_step()}', file=sys.stderr)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:

@@ -6,6 +6,9 @@ Needs torch and torchvision (a scratch environment; neither is a project depende
   python scripts/torchvision_reference.py fixtures    # tests/fixtures/teacher_parity.npz
   python scripts/torchvision_reference.py parity      # full-size parity table (also
                                                       # needs msrd_jax's requirements)
+  python scripts/torchvision_reference.py speed       # torchvision's teacher forward,
+                                                      # images/s (compare with
+                                                      # `python -m msrd_jax.benchmark teacher`)
 
 `fixtures` builds reduced-depth torchvision ResNets (tests/teacher_fixture_recipe.py),
 loads random weights and random BatchNorm statistics into them and stores their layer1..3
@@ -122,17 +125,40 @@ def parity() -> None:
   print(f'worst: {worst:.2e}')
 
 
+def speed(size: int = 256, batch: int = 8, iters: int = 3, repeats: int = 3) -> None:
+  """torchvision's layer1..3 forward on this machine, as msrd_jax.benchmark measures."""
+  import statistics  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  torch, torchvision = _torch()
+  print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, '
+        f'device {"cuda" if torch.cuda.is_available() else "cpu"} (CPU used)')
+  images = recipe.random_images(batch, size, size, recipe.IMAGE_SEED)
+  for arch in ARCHS:
+    model = getattr(torchvision.models, arch)(weights=None).eval()
+    _features(model, images)  # warm-up
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      for _ in range(iters):
+        _features(model, images)
+      times.append((time.perf_counter() - start) / iters)
+    print(f'torchvision {arch:>16} {size}x{size} batch {batch}: '
+          f'{batch / statistics.median(times):8.1f} images/s', flush=True)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('what', choices=('manifests', 'fixtures', 'parity'))
+  parser.add_argument('what', choices=('manifests', 'fixtures', 'parity', 'speed'))
   args = parser.parse_args()
   if args.what == 'manifests':
     manifests(os.path.join(ROOT, 'tests', 'fixtures', 'manifests'))
   elif args.what == 'fixtures':
     fixtures(os.path.join(ROOT, 'tests', 'fixtures', 'teacher_parity.npz'))
-  else:
+  elif args.what == 'parity':
     parity()
+  else:
+    speed()
 
 
 if __name__ == '__main__':

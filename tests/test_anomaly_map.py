@@ -9,6 +9,7 @@ import pytest
 from scipy import ndimage
 
 from msrd_jax import anomaly_map as am
+import numpy_reference
 
 
 def np_cosine_distance(e, d, eps=1e-8):
@@ -16,34 +17,6 @@ def np_cosine_distance(e, d, eps=1e-8):
   ne = np.maximum(np.linalg.norm(e, axis=-1), eps)
   nd = np.maximum(np.linalg.norm(d, axis=-1), eps)
   return 1 - np.sum(e * d, axis=-1) / (ne * nd)
-
-
-def np_bilinear_half_pixel(x, out):
-  """torch F.interpolate(mode='bilinear', align_corners=False) for upsampling, one axis
-  at a time; x (h, w)."""
-  for axis in (0, 1):
-    n = x.shape[axis]
-    src = np.clip((np.arange(out) + 0.5) * n / out - 0.5, 0, None)
-    i0 = np.minimum(np.floor(src).astype(int), n - 1)
-    i1 = np.minimum(i0 + 1, n - 1)
-    f = src - i0
-    x = np.moveaxis(x, axis, 0)
-    x = x[i0] * (1 - f)[:, None] + x[i1] * f[:, None]
-    x = np.moveaxis(x, 0, axis)
-  return x
-
-
-def np_bilinear_align_corners(x, out):
-  for axis in (0, 1):
-    n = x.shape[axis]
-    src = np.arange(out) * (n - 1) / (out - 1)
-    i0 = np.floor(src).astype(int)
-    i1 = np.minimum(i0 + 1, n - 1)
-    f = src - i0
-    x = np.moveaxis(x, axis, 0)
-    x = x[i0] * (1 - f)[:, None] + x[i1] * f[:, None]
-    x = np.moveaxis(x, 0, axis)
-  return x
 
 
 def test_cosine_distance_map_matches_numpy():
@@ -102,11 +75,11 @@ def test_anomaly_map_end_to_end(mode, align_corners):
                                 mode=mode, sigma=4.0, align_corners=align_corners)
   assert maps.shape == (2, size, size) and maps.dtype == jnp.float32
   assert scores.shape == (2,)
-  resize = np_bilinear_align_corners if align_corners else np_bilinear_half_pixel
   for b in range(2):
     total = np.zeros((size, size)) if mode == 'add' else np.ones((size, size))
     for t, s in zip(teacher, student):
-      a = resize(np_cosine_distance(t[b], s[b]), size)
+      a = numpy_reference.bilinear_resize(np_cosine_distance(t[b], s[b]), (size, size),
+                                          align_corners=align_corners)
       total = total + a if mode == 'add' else total * a
     expected = ndimage.gaussian_filter(total, sigma=4)
     np.testing.assert_allclose(np.asarray(maps[b]), expected, atol=1e-5)

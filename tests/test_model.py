@@ -20,6 +20,7 @@ from msrd_jax import losses
 from msrd_jax import memory
 from msrd_jax import model as model_lib
 from msrd_jax import teacher
+import numpy_reference
 
 BN_EPS = 1e-5
 
@@ -64,21 +65,6 @@ def np_sigmoid(x):
 def np_bn(x, stats, params):
   return ((x - stats['mean']) / np.sqrt(stats['var'] + BN_EPS) * params['scale']
           + params['bias'])
-
-
-def np_bilinear_half_pixel(x, out_hw):
-  """PyTorch F.interpolate(mode='bilinear', align_corners=False) upsampling of
-  x (B, h, w, C), one spatial axis at a time."""
-  for axis, out in zip((1, 2), out_hw):
-    n = x.shape[axis]
-    src = np.clip((np.arange(out) + 0.5) * n / out - 0.5, 0, None)
-    i0 = np.minimum(np.floor(src).astype(int), n - 1)
-    i1 = np.minimum(i0 + 1, n - 1)
-    f = src - i0
-    x = np.moveaxis(x, axis, 0)
-    x = x[i0] * (1 - f)[:, None, None, None] + x[i1] * f[:, None, None, None]
-    x = np.moveaxis(x, 0, axis)
-  return x
 
 
 def small_config(backbone: str = 'resnet18', image_size: int = 64):
@@ -379,7 +365,7 @@ def test_upward_mapping_is_conv_bn_then_bilinear():
     p = jax.tree_util.tree_map(np.asarray, variables['params'])
     s = jax.tree_util.tree_map(np.asarray, variables['batch_stats'])
     y = np_bn(x.astype(np.float64) @ p['conv']['kernel'][0, 0], s['bn'], p['bn'])
-    np.testing.assert_allclose(got, np_bilinear_half_pixel(y, hw), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, numpy_reference.bilinear_resize(y, hw, axes=(1, 2)), rtol=1e-5, atol=1e-5)
 
 
 def test_msff_fuses_with_normalized_weights():
