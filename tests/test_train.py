@@ -16,6 +16,8 @@ import pytest
 
 from msrd_jax import checkpoint
 from msrd_jax import config as config_lib
+from msrd_jax import model as model_lib
+from msrd_jax import teacher as teacher_lib
 from msrd_jax import train
 from conftest import tiny_config
 
@@ -214,3 +216,24 @@ def test_eight_devices_equal_one_device_with_the_same_global_batch():
                        capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stdout + out.stderr
   assert 'equivalent' in out.stdout
+
+
+def test_bfloat16_compute_trains_float32_parameters_to_nearly_the_same_loss():
+  rng = np.random.default_rng(0)
+  images = rng.uniform(size=(4, 96, 96, 3)).astype(np.float32)
+  losses = {}
+  for dtype in ('float32', 'bfloat16'):
+    c = config_lib.base_config()
+    c.model.backbone = 'resnet18'
+    c.data.image_size = 96
+    c.train.dtype = dtype
+    tv = teacher_lib.init_teacher('resnet18', warn=False)
+    m = model_lib.MSRD(c)
+    tx = train.make_optimizer(c)
+    state = train.create_state(m, tx, tv, c)
+    step = jax.jit(train.make_train_step(m, tx, c, axis_name=None))
+    state, metrics = step(state, tv, images)
+    assert bool(metrics['finite'])
+    assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(state.params))
+    losses[dtype] = float(metrics['loss'])
+  assert abs(losses['bfloat16'] - losses['float32']) < 0.05 * losses['float32']
