@@ -43,6 +43,10 @@ def _jsonable(value: Any) -> Any:
   return json.loads(json.dumps(value, default=list))
 
 
+# The teacher is identified by its weights' fingerprint, not by where its file lies.
+NOT_IDENTITY = ('model.teacher_weights',)
+
+
 def identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The identity fields of a config, flattened to 'a.b.c' -> JSON value."""
   out = {}
@@ -53,7 +57,7 @@ def identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
       out.update({f'{name}.{k}': v for k, v in flat.items()})
     else:
       out[name] = value
-  return out
+  return {k: v for k, v in out.items() if k not in NOT_IDENTITY}
 
 
 def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -99,13 +103,20 @@ class Workdir:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def check_compatible(self, config: ml_collections.ConfigDict) -> None:
-    """Refuses a config whose identity differs from the latest checkpoint's."""
+  def check_compatible(self, config: ml_collections.ConfigDict,
+                       teacher_fingerprint: float | None = None) -> None:
+    """Refuses a config (or teacher) that differs from the latest checkpoint's."""
     step = self.latest_step()
     if step is None:
       return
     meta = self.restore_meta(step)
     problems = differences(meta['identity'], identity(config))
+    stored = meta.get('teacher_fingerprint')
+    if (teacher_fingerprint is not None and stored is not None
+        and not np.isclose(stored, teacher_fingerprint, rtol=1e-6)):
+      problems.append(f'the teacher: checkpoint trained with another teacher (weights '
+                      f'fingerprint {stored:.6g}, this config gives '
+                      f'{teacher_fingerprint:.6g}); check model.teacher_weights')
     if problems:
       raise CheckpointMismatch(
           f'{self.path!r} holds a checkpoint (step {step}) of a run with another '

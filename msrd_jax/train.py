@@ -197,8 +197,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   tx = make_optimizer(config)
   state = create_state(model, tx, teacher_vars, config)
 
+  fingerprint = teacher_lib.fingerprint(teacher_vars)
   with checkpoint.Workdir(workdir, keep=config.train.keep_checkpoints) as wd:
-    wd.check_compatible(config)  # before anything in the directory is written
+    wd.check_compatible(config, fingerprint)  # before anything in it is written
     start = wd.latest_step() or 0
     if start:
       restored, meta = wd.restore(flax.serialization.to_state_dict(state))
@@ -206,7 +207,6 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       start = int(meta['data_step'])
     if is_main:
       wd.write_config(config)
-    fingerprint = teacher_lib.fingerprint(teacher_vars)
     ident = checkpoint.identity(config)
 
     def save(step_done: int, host: dict) -> None:

@@ -111,6 +111,8 @@ def test_evaluate_refuses_a_checkpoint_of_another_teacher(run_with_teacher_file,
   try:
     with pytest.raises(checkpoint.CheckpointMismatch, match='another teacher'):
       evaluate.evaluate(other, workdir, pictures=False)
+    with pytest.raises(checkpoint.CheckpointMismatch, match='another teacher'):
+      train.train(other, workdir)  # resuming is refused the same way
   finally:
     with open(config.model.teacher_weights, 'wb') as f:
       f.write(original)
@@ -135,6 +137,16 @@ def test_predict_scores_new_images_as_evaluation_does(run_with_teacher_file, tmp
     assert 0 <= r['max_y'] < 96 and 0 <= r['max_x'] < 96
   with open(tmp_path / 'scores.csv') as f:
     assert len(list(csv.DictReader(f))) == 8
+
+
+def test_a_moved_teacher_file_still_fits(run_with_teacher_file, tmp_path):
+  config, workdir, weights = run_with_teacher_file
+  moved = config.copy_and_resolve_references()
+  moved.model.teacher_weights = str(tmp_path / 'elsewhere.msgpack')
+  with open(weights, 'rb') as src, open(moved.model.teacher_weights, 'wb') as dst:
+    dst.write(src.read())
+  assert evaluate.evaluate(moved, workdir, pictures=False) == evaluate.evaluate(
+      config, workdir, pictures=False)
 
 
 def test_evaluate_refuses_an_incompatible_config(run_with_teacher_file):
