@@ -2,6 +2,7 @@
 
     python -m msrd_jax.benchmark teacher --arch wide_resnet50_2 --size 256 --batch 8
     python -m msrd_jax.benchmark train --config configs/mvtec.py   # whole training step
+    python -m msrd_jax.benchmark train --config configs/mvtec.py --config.model.fusion=mff
     python -m msrd_jax.benchmark params --config configs/mvtec.py  # parameter counts
 
 Each measurement compiles first (not timed), then times `--repeats` runs of `--iters`
@@ -11,14 +12,16 @@ machine; they are printed, never asserted.
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 import time
 from typing import Callable, Sequence
 
+from absl import app
+from absl import flags
 import jax
 import numpy as np
+
+FLAGS = flags.FLAGS
 
 
 def time_calls(fn: Callable[[], object], iters: int = 5, repeats: int = 3) -> float:
@@ -85,69 +88,42 @@ def parameter_counts(config) -> dict[str, int]:
   return counts
 
 
-def _load_config(path: str, overrides: Sequence[str]):
-  """A config file (`path[:arg]`) with `a.b=value` overrides, as the CLIs take them."""
-  import ast  # pylint: disable=g-import-not-at-top
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  file, _, arg = path.partition(':')
-  spec = importlib.util.spec_from_file_location('bench_config', file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg or None)
-  for item in overrides:
-    key, _, value = item.partition('=')
-    try:
-      value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      pass
-    node = config
-    *parents, last = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[last] = value
-  return config
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m msrd_jax.benchmark',
-                                   description=__doc__.split('\n\n')[0])
-  parser.add_argument('what', choices=('teacher', 'train', 'params'))
-  parser.add_argument('--arch', default='wide_resnet50_2',
-                      help="an architecture, or 'all'")
-  parser.add_argument('--size', type=int, default=256)
-  parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--iters', type=int, default=3)
-  parser.add_argument('--repeats', type=int, default=3)
-  parser.add_argument('--config', default='configs/synthetic.py',
-                      help='train: config file, path[:arg]')
-  parser.add_argument('--set', action='append', default=[], metavar='a.b=value',
-                      help='train: config override (repeatable)')
-  args = parser.parse_args(argv)
+def main(argv: Sequence[str]) -> None:
   from msrd_jax import teacher  # pylint: disable=g-import-not-at-top
+  if len(argv) != 2 or argv[1] not in ('teacher', 'train', 'params'):
+    raise app.UsageError('usage: python -m msrd_jax.benchmark {teacher,train,params} '
+                         '[--flags]')
+  what = argv[1]
   print(f'backend {jax.default_backend()}, {jax.device_count()} device(s): '
         f'{jax.devices()[0].device_kind}')
-  if args.what == 'params':
-    config = _load_config(args.config, args.set)
+  config = FLAGS.config
+  if what == 'params':
     print(f'parameters, {config.model.backbone} at {config.data.image_size} px:')
     for name, n in parameter_counts(config).items():
       print(f'  {name:>24}: {n:>12,}')
-    return 0
-  if args.what == 'train':
-    config = _load_config(args.config, args.set)
+  elif what == 'train':
     batch = config.train.batch_size
-    rate = bench_train_step(config, batch, args.iters, args.repeats)
+    rate = bench_train_step(config, batch, FLAGS.iters, FLAGS.repeats)
     print(f'train step {config.model.backbone} {config.data.image_size}px batch {batch} '
           f'fusion={config.model.fusion} attention={tuple(config.model.coord_attention)}'
           f' memory={config.model.memory.mode} dtype={config.train.dtype}: '
           f'{rate:8.1f} images/s', flush=True)
-    return 0
-  archs = list(teacher.ARCH_SPECS) if args.arch == 'all' else [args.arch]
-  for arch in archs:
-    rate = bench_teacher(arch, args.size, args.batch, args.iters, args.repeats)
-    print(f'teacher {arch:>16} {args.size}x{args.size} batch {args.batch}: '
-          f'{rate:8.1f} images/s', flush=True)
-  return 0
+  else:
+    archs = list(teacher.ARCH_SPECS) if FLAGS.arch == 'all' else [FLAGS.arch]
+    for arch in archs:
+      rate = bench_teacher(arch, FLAGS.size, FLAGS.batch, FLAGS.iters, FLAGS.repeats)
+      print(f'teacher {arch:>16} {FLAGS.size}x{FLAGS.size} batch {FLAGS.batch}: '
+            f'{rate:8.1f} images/s', flush=True)
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file(
+      'config', 'configs/synthetic.py',
+      'train/params: config file; fields overridden as --config.a.b=value.')
+  flags.DEFINE_string('arch', 'wide_resnet50_2', "teacher: an architecture, or 'all'.")
+  flags.DEFINE_integer('size', 256, 'teacher: image size.')
+  flags.DEFINE_integer('batch', 8, 'teacher: batch size (train uses train.batch_size).')
+  flags.DEFINE_integer('iters', 3, 'Calls per timed repeat.')
+  flags.DEFINE_integer('repeats', 3, 'Timed repeats; the median is reported.')
+  app.run(main)
