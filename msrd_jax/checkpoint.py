@@ -144,15 +144,24 @@ class Workdir:
     return self.manager.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore()))['meta']
 
-  def restore(self, target: dict, step: int | None = None) -> tuple[dict, dict]:
-    """(state shaped like `target`, meta) of `step` (default: the latest)."""
+  def restore(self, target: dict, step: int | None = None,
+              partial: bool = False) -> tuple[dict, dict]:
+    """(state shaped like `target`, meta) of `step` (default: the latest).
+
+    target: a pytree of arrays or ShapeDtypeStructs. partial: `target` names only some
+    top-level entries of the saved state (evaluation reads params and batch_stats and
+    leaves the optimizer state on disk).
+    """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {self.checkpoint_dir!r}')
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+    state_args = ocp.args.PyTreeRestore(
+        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=partial)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+          state=state_args, meta=ocp.args.JsonRestore()))
     except (ValueError, KeyError, TypeError) as e:
       raise CheckpointMismatch(
           f'the checkpoint at step {step} in {self.checkpoint_dir!r} does not fit the '

@@ -21,7 +21,6 @@ import json
 import os
 from typing import Callable
 
-import flax
 import jax
 import ml_collections
 import numpy as np
@@ -56,25 +55,27 @@ def make_predict_fn(model: MSRD, config: ml_collections.ConfigDict) -> Callable:
   return predict
 
 
-def load_run(config: ml_collections.ConfigDict, workdir: str) -> tuple[MSRD, dict, dict,
-                                                                      dict]:
+def load_run(config: ml_collections.ConfigDict, workdir: str,
+             teacher_vars: dict | None = None) -> tuple[MSRD, dict, dict, dict]:
   """(model, teacher_vars, student_vars, meta) of the latest checkpoint in `workdir`.
 
+  teacher_vars: the config's teacher if already loaded (else it is loaded here). Only
+  the student's parameters and BN statistics are read, not the optimizer state.
   Raises FileNotFoundError when there is no checkpoint, CheckpointMismatch when it was
   made with another config or another teacher.
   """
   config_lib.validate(config)
-  teacher_vars = train_lib.load_teacher_variables(config)
+  if teacher_vars is None:
+    teacher_vars = train_lib.load_teacher_variables(config)
   model = MSRD(config)
-  tx = train_lib.make_optimizer(config)
-  template = flax.serialization.to_state_dict(jax.eval_shape(
-      lambda: train_lib.create_state(model, tx, teacher_vars, config)))
+  template = train_lib.state_template(model, train_lib.make_optimizer(config),
+                                      teacher_vars, config)
+  template = {'params': template.params, 'batch_stats': template.batch_stats}
   with checkpoint.Workdir(workdir, create=False) as wd:
     if wd.latest_step() is None:
       raise FileNotFoundError(f'no checkpoint in {wd.checkpoint_dir!r}: train first')
     wd.check_compatible(config, teacher_lib.fingerprint(teacher_vars))
-    state, meta = wd.restore(template)
-  student_vars = {'params': state['params'], 'batch_stats': state['batch_stats']}
+    student_vars, meta = wd.restore(template, partial=True)
   return model, teacher_vars, student_vars, meta
 
 
@@ -89,10 +90,13 @@ def picture_indices(labels: np.ndarray, count: int) -> np.ndarray:
   return np.sort(np.concatenate([pick(defective, n_bad), pick(good, n_good)]))
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str,
-             pictures: bool = True) -> dict[str, dict[str, float]]:
-  """Evaluates the latest checkpoint of `workdir`; returns {category: metrics}."""
-  model, teacher_vars, student_vars, meta = load_run(config, workdir)
+def evaluate(config: ml_collections.ConfigDict, workdir: str, pictures: bool = True,
+             teacher_vars: dict | None = None) -> dict[str, dict[str, float]]:
+  """Evaluates the latest checkpoint of `workdir`; returns {category: metrics}.
+
+  teacher_vars: the config's teacher, if the caller has loaded it already.
+  """
+  model, teacher_vars, student_vars, meta = load_run(config, workdir, teacher_vars)
   reader, root = config_lib.resolve_data(config)
   category = config.data.category
   samples = data_lib.list_samples(reader, root, category, 'test')
@@ -123,8 +127,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     scores[row:row + valid] = batch_scores[:valid]
     masks[row:row + valid] = batch['mask'][:valid]
     for i in range(valid):
-      if row + i in keep:
-        kept_images[row + i] = batch['image'][i]
+      if row + i in keep:  # shown at the maps' resolution
+        kept_images[row + i] = (batch['image'][i] if resolution == size else
+                                data_lib.resize_image(batch['image'][i], resolution))
     row += valid
   assert row == n, (row, n)
 
@@ -161,7 +166,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
           masks[idx], amaps[idx], [samples[i].name for i in idx], scores[idx],
           labels[idx], max_rows=len(idx))
     visualize.save_curves(os.path.join(folder, 'curves.png'), scores, labels, amaps,
-                          masks)
+                          masks, values=results)
   return {category: results}
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from absl import flags
 import ml_collections
@@ -50,7 +49,7 @@ def discover_categories(config: ml_collections.ConfigDict) -> list[str]:
 
 def category_config(config: ml_collections.ConfigDict,
                     category: str) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict(config.to_dict())
+  c = config.copy_and_resolve_references()
   c.data.category = category
   return c
 
@@ -74,8 +73,7 @@ def run_all(config: ml_collections.ConfigDict, workdir: str,
         results[category] = stored[category]
         continue
     print(f'[{i}/{len(categories)}] {category}', flush=True)
-    cfg.eval.after_training = True
-    results.update(train_lib.train_and_evaluate(cfg, cat_dir))
+    results.update(train_lib.train_and_evaluate(cfg, cat_dir, evaluate_after=True))
     _write(workdir, results)  # a partial table after each category
   _write(workdir, results)
   return results

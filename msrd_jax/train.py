@@ -11,7 +11,6 @@ set, the test set is evaluated at the end (see msrd_jax.evaluate).
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -72,6 +71,12 @@ def create_state(model: MSRD, tx: optax.GradientTransformation, teacher_vars: di
   return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
                     batch_stats=variables['batch_stats'],
                     opt_state=tx.init(variables['params']), rng=rng)
+
+
+def state_template(model: MSRD, tx: optax.GradientTransformation, teacher_vars: dict,
+                   config: ml_collections.ConfigDict) -> TrainState:
+  """The shapes and dtypes of `create_state`'s result, computed without running it."""
+  return jax.eval_shape(lambda: create_state(model, tx, teacher_vars, config))
 
 
 def make_train_step(model: MSRD, tx: optax.GradientTransformation,
@@ -168,7 +173,8 @@ class _Log:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
-          on_step: Callable[[int], None] | None = None) -> TrainState:
+          on_step: Callable[[int], None] | None = None,
+          teacher_vars: dict | None = None) -> TrainState:
   """Trains (or resumes) the run in `workdir`; returns the final state on the host.
 
   Args:
@@ -176,6 +182,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     workdir: where config.json, metrics.jsonl and checkpoints/ live.
     on_step: called with the step number after each step is dispatched (tests use it
       to interrupt a run).
+    teacher_vars: the config's teacher, if the caller has loaded it already.
   """
   config_lib.validate(config)
   if config.train.distributed:
@@ -192,19 +199,22 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       prefetch=config.data.prefetch, cache_bytes=config.data.cache_bytes)
   num_steps = total_steps(config, loader.num_samples)
 
-  teacher_vars = load_teacher_variables(config)
+  if teacher_vars is None:
+    teacher_vars = load_teacher_variables(config)
   model = MSRD(config, bn_axis_name=AXIS)
   tx = make_optimizer(config)
-  state = create_state(model, tx, teacher_vars, config)
 
   fingerprint = teacher_lib.fingerprint(teacher_vars)
   with checkpoint.Workdir(workdir, keep=config.train.keep_checkpoints) as wd:
     wd.check_compatible(config, fingerprint)  # before anything in it is written
     start = wd.latest_step() or 0
-    if start:
-      restored, meta = wd.restore(flax.serialization.to_state_dict(state))
-      state = flax.serialization.from_state_dict(state, restored)
+    if start:  # restored into the state's shapes; no fresh state is computed
+      template = state_template(model, tx, teacher_vars, config)
+      restored, meta = wd.restore(flax.serialization.to_state_dict(template))
+      state = flax.serialization.from_state_dict(template, restored)
       start = int(meta['data_step'])
+    else:
+      state = create_state(model, tx, teacher_vars, config)
     if is_main:
       wd.write_config(config)
     ident = checkpoint.identity(config)
@@ -298,13 +308,19 @@ def _save_interrupted(state, pending, check, verified: Callable[[], int], save,
           f'{wd.latest_step()}', file=sys.stderr)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
-  """Trains, then (if eval.after_training) evaluates; returns the results or None."""
-  train(config, workdir)
-  if not config.eval.after_training:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       evaluate_after: bool | None = None) -> dict | None:
+  """Trains, then evaluates; returns the results, or None when not evaluating.
+
+  evaluate_after: None follows config.eval.after_training. The teacher is loaded once
+  for both.
+  """
+  teacher_vars = load_teacher_variables(config)
+  train(config, workdir, teacher_vars=teacher_vars)
+  if not (config.eval.after_training if evaluate_after is None else evaluate_after):
     return None
   from msrd_jax import evaluate  # pylint: disable=g-import-not-at-top
-  return evaluate.evaluate(config, workdir)
+  return evaluate.evaluate(config, workdir, teacher_vars=teacher_vars)
 
 
 def main(argv) -> None:

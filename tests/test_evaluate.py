@@ -99,6 +99,18 @@ def test_evaluate_in_process_matches_its_files(run_with_teacher_file):
   assert evaluate.evaluate(config, workdir, pictures=False) == results
 
 
+def test_evaluation_at_another_resolution_than_the_input(run_with_teacher_file, tmp_path):
+  config, workdir, _ = run_with_teacher_file
+  other = config.copy_and_resolve_references()
+  other.eval.resolution = 64  # the model sees 96 px; maps, masks and pictures are 64
+  copy = tmp_path / 'run'
+  import shutil
+  shutil.copytree(workdir, copy)
+  results = evaluate.evaluate(other, str(copy))
+  assert all(0 <= v <= 1 for v in results['brick'].values() if not np.isnan(v))
+  _check_png(copy / 'pictures' / 'examples.png')
+
+
 def test_evaluate_refuses_a_checkpoint_of_another_teacher(run_with_teacher_file,
                                                           tmp_path):
   config, workdir, _ = run_with_teacher_file

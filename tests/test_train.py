@@ -137,9 +137,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     assert wd.latest_step() == 2
     model = train.MSRD(tiny_config(synthetic_root))
     teacher_vars = train.load_teacher_variables(tiny_config(synthetic_root))
-    template = flax.serialization.to_state_dict(jax.eval_shape(
-        lambda: train.create_state(model, poisoned(tiny_config(synthetic_root)),
-                                   teacher_vars, tiny_config(synthetic_root))))
+    template = flax.serialization.to_state_dict(train.state_template(
+        model, poisoned(tiny_config(synthetic_root)), teacher_vars,
+        tiny_config(synthetic_root)))
     state, _ = wd.restore(template)
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state['params']))
 
