@@ -53,7 +53,6 @@ def bench_train_step(config, batch: int, iters: int, repeats: int) -> float:
 
   One device, no pmap, random teacher; the config decides backbone, size and modules.
   """
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from msrd_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   from msrd_jax import teacher, train  # pylint: disable=g-import-not-at-top
   teacher_vars = teacher.init_teacher(config.model.backbone, warn=False)

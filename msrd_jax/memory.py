@@ -7,7 +7,6 @@ what normal images look like and reconstructs anomalies badly.
 
 from __future__ import annotations
 
-from typing import Any
 
 import flax.linen as nn
 import jax

@@ -22,7 +22,7 @@ import dataclasses
 import os
 import re
 import sys
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import flax
 import numpy as np

@@ -23,7 +23,7 @@ import dataclasses
 import functools
 import os
 import warnings
-from typing import Any, Sequence
+from typing import Any
 
 import flax
 import flax.linen as nn

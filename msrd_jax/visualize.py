@@ -10,12 +10,14 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from msrd_jax import metrics
 from msrd_jax.data.folder import MVTEC_OBJECTS, MVTEC_TEXTURES
+from msrd_jax.data.images import resize_image
 
 DEFAULT_COLUMNS = (('image_auroc', 'Image AUROC'), ('pixel_auroc', 'Pixel AUROC'),
                    ('au_pro', 'AU-PRO'))
@@ -34,6 +36,21 @@ def _display_images(images, n: int, hw: tuple[int, int]) -> np.ndarray:
   if x.dtype == np.uint8:
     return x.astype(np.float32) / 255.0
   return np.clip(x.astype(np.float32), 0.0, 1.0)
+
+
+def heatmap_overlay(image: np.ndarray, amap: np.ndarray, vmin: float,
+                    vmax: float) -> np.ndarray:
+  """(H, W, 3) uint8: `amap` (H, W) in the jet colormap at alpha 0.5 over `image`.
+
+  image: (h, w, 3) RGB, uint8 or float in [0, 1], resized to the map if needed;
+  vmin / vmax: the score range of the color scale (share it across images).
+  """
+  image = _display_images(image[None], 1, image.shape[:2])[0]
+  if image.shape[:2] != amap.shape:
+    image = resize_image(image, amap.shape[0])
+  norm = Normalize(vmin=vmin, vmax=vmax, clip=True)
+  colored = colormaps['jet'](norm(np.asarray(amap, np.float32)))[..., :3]
+  return (255 * (0.5 * image + 0.5 * colored)).round().astype(np.uint8)
 
 
 def _sample(n: int, max_rows: int) -> np.ndarray:
@@ -119,20 +136,30 @@ def _thin(x: np.ndarray, y: np.ndarray, n: int = 2000) -> tuple[np.ndarray, np.n
   return x[keep], y[keep]
 
 
-def save_curves(path: str, scores, labels, amaps, masks, fpr_limit: float = 0.3) -> None:
+def save_curves(path: str, scores, labels, amaps, masks, fpr_limit: float = 0.3,
+                values: Mapping[str, float] | None = None) -> None:
   """A PNG with the image-level ROC, the pixel-level ROC and the PRO curve up to fpr_limit.
 
   scores: (N,) float; labels: (N,) {0, 1}; amaps: (N, H, W) float; masks: (N, H, W)
   {0, 1}/bool. The curves are metrics.roc_curve and metrics.pro_curve (the exact ones,
   thinned to a few thousand points for drawing); AUROC and AU-PRO are in the legends.
+  values: metrics.evaluate_all's result for the same data (at this fpr_limit), if the
+  caller has it, so that the areas are not computed a second time.
   """
+  values = dict(values or {})
+  if 'image_auroc' not in values:
+    values['image_auroc'] = metrics.image_auroc(scores, labels)
+  if 'pixel_auroc' not in values:
+    values['pixel_auroc'] = metrics.pixel_auroc(amaps, masks)
+  if 'au_pro' not in values:
+    values['au_pro'] = metrics.au_pro(amaps, masks, fpr_limit=fpr_limit)
   fig = Figure(figsize=(13.5, 4.2), dpi=100, layout='constrained')
   FigureCanvasAgg(fig)
   ax_img, ax_pix, ax_pro = fig.subplots(1, 3)
   for ax, (x, y), value, title in (
-      (ax_img, metrics.roc_curve(scores, labels), metrics.image_auroc(scores, labels),
+      (ax_img, metrics.roc_curve(scores, labels), values['image_auroc'],
        'image-level ROC'),
-      (ax_pix, metrics.roc_curve(amaps, masks), metrics.pixel_auroc(amaps, masks),
+      (ax_pix, metrics.roc_curve(amaps, masks), values['pixel_auroc'],
        'pixel-level ROC'),
   ):
     ax.plot(*_thin(x, y), lw=1.5, label=f'AUROC = {100 * value:.1f}%')
@@ -141,9 +168,8 @@ def save_curves(path: str, scores, labels, amaps, masks, fpr_limit: float = 0.3)
            ylabel='true-positive rate', title=title)
     ax.legend(loc='lower right')
   fpr, pro = metrics.pro_curve(amaps, masks, fpr_limit=fpr_limit)
-  value = metrics.au_pro(amaps, masks, fpr_limit=fpr_limit)
   ax_pro.plot(*_thin(fpr, pro), lw=1.5,
-              label=f'AU-PRO (FPR <= {fpr_limit:g}) = {100 * value:.1f}%')
+              label=f'AU-PRO (FPR <= {fpr_limit:g}) = {100 * values["au_pro"]:.1f}%')
   ax_pro.set(xlim=(0, fpr_limit), ylim=(0, 1.01), xlabel='false-positive rate',
              ylabel='per-region overlap', title='PRO curve')
   ax_pro.legend(loc='lower right')

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 
 import jax
 import numpy as np
