@@ -107,3 +107,19 @@ def test_results_table_other_names_and_missing_values():
   assert rows['Mean (g)'][:2] == [50.0, 70.0]
   with pytest.raises(ValueError, match='without results'):
     visualize.results_table_markdown(results, categories_order=['beta'])
+
+
+def test_heatmap_overlay_blends_jet_half_and_half():
+  image = np.full((8, 8, 3), 0.5, np.float32)
+  amap = np.zeros((4, 4), np.float32)
+  amap[0, 0] = 2.0  # above vmax: clipped to the top of the scale
+  out = visualize.heatmap_overlay(image, amap, vmin=0.0, vmax=1.0)
+  assert out.shape == (4, 4, 3) and out.dtype == np.uint8  # image resized to the map
+  # jet's ends are dark blue (0, 0, 0.5) and dark red (0.5, 0, 0).
+  np.testing.assert_array_equal(out[1, 1], np.round(255 * (0.25 + 0.5 * np.array(
+      [0.0, 0.0, 0.5]))).astype(np.uint8))
+  np.testing.assert_array_equal(out[0, 0], np.round(255 * (0.25 + 0.5 * np.array(
+      [0.5, 0.0, 0.0]))).astype(np.uint8))
+  # uint8 images give the same blend as their float version.
+  as_uint8 = visualize.heatmap_overlay(np.full((4, 4, 3), 128, np.uint8), amap, 0.0, 1.0)
+  assert np.abs(as_uint8.astype(int) - out.astype(int)).max() <= 1
