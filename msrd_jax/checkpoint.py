@@ -137,7 +137,7 @@ class Workdir:
     """
     state = jax.tree_util.tree_map(np.asarray, jax.device_get(state))
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)))
 
   def restore_meta(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
