@@ -4,8 +4,9 @@
 
 resnet18 teacher at 128 px, trained on one category of the synthetic benchmark (generated
 from photographs shipped in scikit-image into a cache folder on first use) and evaluated
-at the end; about 3 minutes on 2 CPU cores (less once compiled programs are cached). The teacher is random unless
-model.teacher_weights points at a port of ImageNet weights (`python -m msrd_jax.port`).
+at the end; about 3 minutes on 2 CPU cores (less once compiled programs are cached). The
+teacher is random unless model.teacher_weights points at a port of ImageNet weights
+(`python -m msrd_jax.port`).
 
 Options after the colon: `configs/synthetic.py:CATEGORY` picks the category (brick, grass,
 gravel, coffee, coins); `--config.data.root=DIR` uses any folder in the MVTec layout.

@@ -30,8 +30,9 @@ def cosine_distance_map(e: jax.Array, d: jax.Array, eps: float = COSINE_EPS) -> 
   a zero vector gives cos 0 and distance 1.
   """
   if e.shape != d.shape:
-    raise ValueError(f'teacher and student features must have the same shape; got '
-                     f'{e.shape} and {d.shape}.')
+    raise ValueError(
+      f'teacher and student features must have the same shape; got {e.shape} and {d.shape}.'
+    )
   dtype = jnp.promote_types(jnp.result_type(e, d), jnp.float32)
   e, d = e.astype(dtype), d.astype(dtype)
   dot = jnp.sum(e * d, axis=-1)
@@ -101,8 +102,10 @@ def _resize_align_corners(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
     shape = [1, 1, 1]
     shape[axis] = n_out
     frac = jnp.asarray((src - i0).reshape(shape), x.dtype)
-    x = (jnp.take(x, jnp.asarray(i0), axis=axis) * (1 - frac)
-         + jnp.take(x, jnp.asarray(i1), axis=axis) * frac)
+    x = (
+      jnp.take(x, jnp.asarray(i0), axis=axis) * (1 - frac)
+      + jnp.take(x, jnp.asarray(i1), axis=axis) * frac
+    )
   return x
 
 
@@ -114,16 +117,23 @@ def _resize(x: jax.Array, out_hw: tuple[int, int], align_corners: bool) -> jax.A
   # Half-pixel centres. Upsampling, as here, involves no antialiasing and equals
   # torch's F.interpolate(mode='bilinear', align_corners=False); precision HIGHEST keeps
   # the interpolation matmul out of TF32 on GPUs.
-  return jax.image.resize(x, (x.shape[0], *out_hw), method='bilinear',
-                          precision=jax.lax.Precision.HIGHEST)
+  return jax.image.resize(
+    x, (x.shape[0], *out_hw), method='bilinear', precision=jax.lax.Precision.HIGHEST
+  )
 
 
-@functools.partial(jax.jit, static_argnames=('out_size', 'mode', 'sigma', 'truncate',
-                                             'align_corners'))
-def anomaly_map(teacher_feats: Sequence[jax.Array], student_feats: Sequence[jax.Array],
-                out_size: int | tuple[int, int], mode: str = 'add', sigma: float = 4.0,
-                truncate: float = 4.0,
-                align_corners: bool = False) -> tuple[jax.Array, jax.Array]:
+@functools.partial(
+  jax.jit, static_argnames=('out_size', 'mode', 'sigma', 'truncate', 'align_corners')
+)
+def anomaly_map(
+  teacher_feats: Sequence[jax.Array],
+  student_feats: Sequence[jax.Array],
+  out_size: int | tuple[int, int],
+  mode: str = 'add',
+  sigma: float = 4.0,
+  truncate: float = 4.0,
+  align_corners: bool = False,
+) -> tuple[jax.Array, jax.Array]:
   """Anomaly maps and image scores of a batch (design.md section 7), jitted.
 
   teacher_feats, student_feats: sequences of K arrays, level k of shape
@@ -143,8 +153,10 @@ def anomaly_map(teacher_feats: Sequence[jax.Array], student_feats: Sequence[jax.
     raise ValueError(f"mode must be 'add' or 'mul'; got {mode!r}.")
   teacher_feats, student_feats = list(teacher_feats), list(student_feats)
   if not teacher_feats or len(teacher_feats) != len(student_feats):
-    raise ValueError(f'need the same number (>= 1) of teacher and student levels; got '
-                     f'{len(teacher_feats)} and {len(student_feats)}.')
+    raise ValueError(
+      f'need the same number (>= 1) of teacher and student levels; got '
+      f'{len(teacher_feats)} and {len(student_feats)}.'
+    )
   out_hw = (int(out_size),) * 2 if np.ndim(out_size) == 0 else tuple(map(int, out_size))
   if len(out_hw) != 2:
     raise ValueError(f'out_size must be an int or (H, W); got {out_size!r}.')

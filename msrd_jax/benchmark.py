@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
-from absl import app
-from absl import flags
 import jax
 import numpy as np
+from absl import app, flags
 
 FLAGS = flags.FLAGS
 
@@ -40,9 +39,11 @@ def time_calls(fn: Callable[[], object], iters: int = 5, repeats: int = 3) -> fl
 def bench_teacher(arch: str, size: int, batch: int, iters: int, repeats: int) -> float:
   """Images/s of the teacher forward (layer1..3) on random weights."""
   from msrd_jax import teacher  # pylint: disable=g-import-not-at-top
+
   variables = teacher.init_teacher(arch, warn=False)
   images = jax.device_put(
-      np.random.default_rng(0).uniform(size=(batch, size, size, 3)).astype(np.float32))
+    np.random.default_rng(0).uniform(size=(batch, size, size, 3)).astype(np.float32)
+  )
   forward = jax.jit(teacher.ResNet(arch).apply)
   seconds = time_calls(lambda: forward(variables, images), iters, repeats)
   return batch / seconds
@@ -55,15 +56,16 @@ def bench_train_step(config, batch: int, iters: int, repeats: int) -> float:
   """
   from msrd_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   from msrd_jax import teacher, train  # pylint: disable=g-import-not-at-top
+
   teacher_vars = teacher.init_teacher(config.model.backbone, warn=False)
   model = model_lib.MSRD(config)
   tx = train.make_optimizer(config)
   state = train.create_state(model, tx, teacher_vars, config)
-  step = jax.jit(train.make_train_step(model, tx, config, axis_name=None),
-                 donate_argnums=(0,))
+  step = jax.jit(train.make_train_step(model, tx, config, axis_name=None), donate_argnums=(0,))
   size = config.data.image_size
-  images = jax.device_put(np.random.default_rng(0).uniform(
-      size=(batch, size, size, 3)).astype(np.float32))
+  images = jax.device_put(
+    np.random.default_rng(0).uniform(size=(batch, size, size, 3)).astype(np.float32)
+  )
   holder = [state]
 
   def call():
@@ -77,10 +79,13 @@ def parameter_counts(config) -> dict[str, int]:
   """Parameters per module (teacher and each part of the student), without allocating."""
   from msrd_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   from msrd_jax import teacher  # pylint: disable=g-import-not-at-top
+
   count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
   teacher_shapes = teacher.teacher_shapes(config.model.backbone)
-  student = jax.eval_shape(lambda tv: model_lib.MSRD(config).init(
-      jax.random.key(0), tv, config.data.image_size), teacher_shapes)
+  student = jax.eval_shape(
+    lambda tv: model_lib.MSRD(config).init(jax.random.key(0), tv, config.data.image_size),
+    teacher_shapes,
+  )
   counts = {'teacher (frozen)': count(teacher_shapes['params'])}
   counts.update({k: count(v) for k, v in student['params'].items()})
   counts['student total (trained)'] = count(student['params'])
@@ -89,12 +94,14 @@ def parameter_counts(config) -> dict[str, int]:
 
 def main(argv: Sequence[str]) -> None:
   from msrd_jax import teacher  # pylint: disable=g-import-not-at-top
+
   if len(argv) != 2 or argv[1] not in ('teacher', 'train', 'params'):
-    raise app.UsageError('usage: python -m msrd_jax.benchmark {teacher,train,params} '
-                         '[--flags]')
+    raise app.UsageError('usage: python -m msrd_jax.benchmark {teacher,train,params} [--flags]')
   what = argv[1]
-  print(f'backend {jax.default_backend()}, {jax.device_count()} device(s): '
-        f'{jax.devices()[0].device_kind}')
+  print(
+    f'backend {jax.default_backend()}, {jax.device_count()} device(s): '
+    f'{jax.devices()[0].device_kind}'
+  )
   config = FLAGS.config
   if what == 'params':
     print(f'parameters, {config.model.backbone} at {config.data.image_size} px:')
@@ -103,23 +110,31 @@ def main(argv: Sequence[str]) -> None:
   elif what == 'train':
     batch = config.train.batch_size
     rate = bench_train_step(config, batch, FLAGS.iters, FLAGS.repeats)
-    print(f'train step {config.model.backbone} {config.data.image_size}px batch {batch} '
-          f'fusion={config.model.fusion} attention={tuple(config.model.coord_attention)}'
-          f' memory={config.model.memory.mode} dtype={config.train.dtype}: '
-          f'{rate:8.1f} images/s', flush=True)
+    print(
+      f'train step {config.model.backbone} {config.data.image_size}px batch {batch} '
+      f'fusion={config.model.fusion} attention={tuple(config.model.coord_attention)}'
+      f' memory={config.model.memory.mode} dtype={config.train.dtype}: '
+      f'{rate:8.1f} images/s',
+      flush=True,
+    )
   else:
     archs = list(teacher.ARCH_SPECS) if FLAGS.arch == 'all' else [FLAGS.arch]
     for arch in archs:
       rate = bench_teacher(arch, FLAGS.size, FLAGS.batch, FLAGS.iters, FLAGS.repeats)
-      print(f'teacher {arch:>16} {FLAGS.size}x{FLAGS.size} batch {FLAGS.batch}: '
-            f'{rate:8.1f} images/s', flush=True)
+      print(
+        f'teacher {arch:>16} {FLAGS.size}x{FLAGS.size} batch {FLAGS.batch}: {rate:8.1f} images/s',
+        flush=True,
+      )
 
 
 if __name__ == '__main__':
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
   config_flags.DEFINE_config_file(
-      'config', 'configs/synthetic.py',
-      'train/params: config file; fields overridden as --config.a.b=value.')
+    'config',
+    'configs/synthetic.py',
+    'train/params: config file; fields overridden as --config.a.b=value.',
+  )
   flags.DEFINE_string('arch', 'wide_resnet50_2', "teacher: an architecture, or 'all'.")
   flags.DEFINE_integer('size', 256, 'teacher: image size.')
   flags.DEFINE_integer('batch', 8, 'teacher: batch size (train uses train.batch_size).')

@@ -23,8 +23,14 @@ import orbax.checkpoint as ocp
 
 # Fields a checkpoint depends on: parameter shapes, the teacher, the data stream.
 IDENTITY_FIELDS = (
-    'seed', 'model', 'data.dataset', 'data.category', 'data.image_size',
-    'data.synthetic_seed', 'train.batch_size', 'train.dtype',
+  'seed',
+  'model',
+  'data.dataset',
+  'data.category',
+  'data.image_size',
+  'data.synthetic_seed',
+  'train.batch_size',
+  'train.dtype',
 )
 
 
@@ -62,8 +68,11 @@ def identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
   keys = sorted(set(stored) | set(current))
-  return [f'{k}: checkpoint has {stored.get(k, "<absent>")!r}, config has '
-          f'{current.get(k, "<absent>")!r}' for k in keys if stored.get(k) != current.get(k)]
+  return [
+    f'{k}: checkpoint has {stored.get(k, "<absent>")!r}, config has {current.get(k, "<absent>")!r}'
+    for k in keys
+    if stored.get(k) != current.get(k)
+  ]
 
 
 class Workdir:
@@ -75,18 +84,23 @@ class Workdir:
     if create:
       os.makedirs(self.path, exist_ok=True)
     elif not os.path.isdir(self.checkpoint_dir):
-      raise FileNotFoundError(f'no checkpoint in {self.path!r}: train first with '
-                              '`python -m msrd_jax.train --config ... --workdir '
-                              f'{path}`')
+      raise FileNotFoundError(
+        f'no checkpoint in {self.path!r}: train first with '
+        '`python -m msrd_jax.train --config ... --workdir '
+        f'{path}`'
+      )
     self.manager = ocp.CheckpointManager(
-        self.checkpoint_dir,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=create,
-            # Half-written steps of a killed run are removed when training restarts.
-            cleanup_tmp_directories=create),
-        item_names=('state', 'meta'))
+      self.checkpoint_dir,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        create=create,
+        # Half-written steps of a killed run are removed when training restarts.
+        cleanup_tmp_directories=create,
+      ),
+      item_names=('state', 'meta'),
+    )
 
-  def __enter__(self) -> 'Workdir':
+  def __enter__(self) -> Workdir:
     return self
 
   def __exit__(self, *exc) -> None:
@@ -103,8 +117,9 @@ class Workdir:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def check_compatible(self, config: ml_collections.ConfigDict,
-                       teacher_fingerprint: float | None = None) -> None:
+  def check_compatible(
+    self, config: ml_collections.ConfigDict, teacher_fingerprint: float | None = None
+  ) -> None:
     """Refuses a config (or teacher) that differs from the latest checkpoint's."""
     step = self.latest_step()
     if step is None:
@@ -112,16 +127,22 @@ class Workdir:
     meta = self.restore_meta(step)
     problems = differences(meta['identity'], identity(config))
     stored = meta.get('teacher_fingerprint')
-    if (teacher_fingerprint is not None and stored is not None
-        and not np.isclose(stored, teacher_fingerprint, rtol=1e-6)):
-      problems.append(f'the teacher: checkpoint trained with another teacher (weights '
-                      f'fingerprint {stored:.6g}, this config gives '
-                      f'{teacher_fingerprint:.6g}); check model.teacher_weights')
+    if (
+      teacher_fingerprint is not None
+      and stored is not None
+      and not np.isclose(stored, teacher_fingerprint, rtol=1e-6)
+    ):
+      problems.append(
+        f'the teacher: checkpoint trained with another teacher (weights '
+        f'fingerprint {stored:.6g}, this config gives '
+        f'{teacher_fingerprint:.6g}); check model.teacher_weights'
+      )
     if problems:
       raise CheckpointMismatch(
-          f'{self.path!r} holds a checkpoint (step {step}) of a run with another '
-          'config; it is left untouched. Use another --workdir, or the config it was '
-          'made with. Differences:\n  ' + '\n  '.join(problems))
+        f'{self.path!r} holds a checkpoint (step {step}) of a run with another '
+        'config; it is left untouched. Use another --workdir, or the config it was '
+        'made with. Differences:\n  ' + '\n  '.join(problems)
+      )
 
   def write_config(self, config: ml_collections.ConfigDict) -> None:
     tmp = self.config_path + '.tmp'
@@ -136,16 +157,17 @@ class Workdir:
     complete, so a crash during a save leaves the previous checkpoint as the latest.
     """
     state = jax.tree_util.tree_map(np.asarray, jax.device_get(state))
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)))
+    self.manager.save(
+      step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta))
+    )
 
   def restore_meta(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
-    return self.manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))['meta']
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
-  def restore(self, target: dict, step: int | None = None,
-              partial: bool = False) -> tuple[dict, dict]:
+  def restore(
+    self, target: dict, step: int | None = None, partial: bool = False
+  ) -> tuple[dict, dict]:
     """(state shaped like `target`, meta) of `step` (default: the latest).
 
     target: a pytree of arrays or ShapeDtypeStructs. partial: `target` names only some
@@ -157,13 +179,17 @@ class Workdir:
       raise FileNotFoundError(f'no checkpoint in {self.checkpoint_dir!r}')
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
     state_args = ocp.args.PyTreeRestore(
-        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-        partial_restore=partial)
+      abstract,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+      partial_restore=partial,
+    )
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=state_args, meta=ocp.args.JsonRestore()))
+      restored = self.manager.restore(
+        step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore())
+      )
     except (ValueError, KeyError, TypeError) as e:
       raise CheckpointMismatch(
-          f'the checkpoint at step {step} in {self.checkpoint_dir!r} does not fit the '
-          f'model of this config ({type(e).__name__}: {str(e)[:500]})') from None
+        f'the checkpoint at step {step} in {self.checkpoint_dir!r} does not fit the '
+        f'model of this config ({type(e).__name__}: {str(e)[:500]})'
+      ) from None
     return restored['state'], restored['meta']

@@ -11,31 +11,33 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import jax
-
-from absl import flags
-from absl import logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from msrd_jax import checkpoint
+from msrd_jax import checkpoint, port, teacher
 from msrd_jax import config as config_lib
-from msrd_jax import port
-from msrd_jax import teacher
 from msrd_jax.data.errors import DataError
 
 FLAGS = flags.FLAGS
 
 # The errors whose message is the whole story for the user.
-USER_ERRORS = (DataError, config_lib.ConfigError, checkpoint.CheckpointMismatch,
-               teacher.TeacherFileError, port.PortError, FileNotFoundError)
+USER_ERRORS = (
+  DataError,
+  config_lib.ConfigError,
+  checkpoint.CheckpointMismatch,
+  teacher.TeacherFileError,
+  port.PortError,
+  FileNotFoundError,
+)
 
 
-def define_flags(workdir_help: str = 'Directory of the run (checkpoints, metrics, '
-                 'results).') -> None:
-  config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
-                                  lock_config=True)
+def define_flags(
+  workdir_help: str = 'Directory of the run (checkpoints, metrics, results).',
+) -> None:
+  config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
   flags.DEFINE_string('workdir', None, workdir_help)
   flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -48,8 +50,9 @@ def enable_compilation_cache() -> None:
   """
   if jax.config.jax_compilation_cache_dir or os.environ.get('JAX_COMPILATION_CACHE_DIR'):
     return
-  jax.config.update('jax_compilation_cache_dir',
-                    os.path.join(config_lib.default_cache_dir(), 'xla'))
+  jax.config.update(
+    'jax_compilation_cache_dir', os.path.join(config_lib.default_cache_dir(), 'xla')
+  )
 
 
 def _raise_keyboard_interrupt(signum, frame):

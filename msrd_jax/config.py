@@ -101,8 +101,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   m, d, t, e = config.model, config.data, config.train, config.eval
   problems = _one_of('model.backbone', m.backbone, ARCHITECTURES)
   problems += _one_of('model.fusion', m.fusion, FUSIONS)
-  problems += [f'model.coord_attention has {p!r}, expected places in {ATTENTION_PLACES}'
-               for p in m.coord_attention if p not in ATTENTION_PLACES]
+  problems += [
+    f'model.coord_attention has {p!r}, expected places in {ATTENTION_PLACES}'
+    for p in m.coord_attention
+    if p not in ATTENTION_PLACES
+  ]
   problems += _one_of('model.memory.mode', m.memory.mode, MEMORY_MODES)
   if m.memory.slots < 1:
     problems.append(f'model.memory.slots must be >= 1, got {m.memory.slots}')
@@ -112,8 +115,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     problems.append(f'model.memory.temperature must be > 0, got {m.memory.temperature}')
   problems += _one_of('data.dataset', d.dataset, DATASETS)
   if d.image_size < 32 or d.image_size % 32:
-    problems.append(f'data.image_size must be a positive multiple of 32 (the embedding '
-                    f'is at stride 32 and the decoder doubles it back), got {d.image_size}')
+    problems.append(
+      f'data.image_size must be a positive multiple of 32 (the embedding '
+      f'is at stride 32 and the decoder doubles it back), got {d.image_size}'
+    )
   problems += _one_of('train.loss', t.loss, LOSSES)
   problems += _one_of('train.dtype', t.dtype, DTYPES)
   if t.batch_size < 1:
@@ -135,8 +140,7 @@ def default_cache_dir() -> str:
   """$MSRD_JAX_CACHE, else $XDG_CACHE_HOME/msrd_jax, else ~/.cache/msrd_jax."""
   if os.environ.get('MSRD_JAX_CACHE'):
     return os.environ['MSRD_JAX_CACHE']
-  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'),
-                                                          '.cache')
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
   return os.path.join(base, 'msrd_jax')
 
 
@@ -149,17 +153,22 @@ def resolve_data(config: ml_collections.ConfigDict) -> tuple[str, str]:
   d = config.data
   if d.dataset == 'synthetic':
     from msrd_jax.data.synthetic import ensure_synthetic  # pylint: disable=g-import-not-at-top
+
     root = d.root or os.path.join(default_cache_dir(), f'synthetic-seed{d.synthetic_seed}')
     return 'mvtec', ensure_synthetic(root, seed=d.synthetic_seed)
   if d.root is None or not os.path.isdir(d.root):
-    where = ('is not set' if d.root is None else f'= {d.root!r} is not a folder')
+    where = 'is not set' if d.root is None else f'= {d.root!r} is not a folder'
     if d.dataset == 'visa':
-      hint = ('Download VisA (https://github.com/amazon-science/spot-diff), keep its '
-              'split_csv/1cls.csv, and pass --config.data.root=/path/to/VisA.')
+      hint = (
+        'Download VisA (https://github.com/amazon-science/spot-diff), keep its '
+        'split_csv/1cls.csv, and pass --config.data.root=/path/to/VisA.'
+      )
     else:
-      hint = (f'Download MVTec AD from {MVTEC_URL} (mvtec_anomaly_detection.tar.xz), '
-              'extract it and pass --config.data.root=/path/to/mvtec_anomaly_detection '
-              '(any folder in the same layout works: <root>/<category>/train/good, '
-              'test/<defect>, ground_truth/<defect>).')
+      hint = (
+        f'Download MVTec AD from {MVTEC_URL} (mvtec_anomaly_detection.tar.xz), '
+        'extract it and pass --config.data.root=/path/to/mvtec_anomaly_detection '
+        '(any folder in the same layout works: <root>/<category>/train/good, '
+        'test/<defect>, ground_truth/<defect>).'
+      )
     raise FileNotFoundError(f'config.data.root {where}. {hint}')
   return d.dataset, d.root

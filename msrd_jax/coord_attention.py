@@ -32,6 +32,7 @@ class CoordAttention(nn.Module):
   a_h: (B, H, 1, C) from the W-pooled strip, a_w: (B, 1, W, C) from the H-pooled strip.
   The BatchNorm uses batch statistics when `train` (synchronized across `bn_axis_name`).
   """
+
   train: bool = False
   reduction: int = 32
   dtype: Any = jnp.float32

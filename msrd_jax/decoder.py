@@ -30,6 +30,7 @@ class Deconv2x2(nn.Module):
   products too; XLA's generic transposed convolution is several times slower to
   differentiate on CPU.
   """
+
   features: int
   dtype: Any = jnp.float32
 
@@ -47,6 +48,7 @@ def deconv(features: int, name: str, dtype: Any) -> Deconv2x2:
 
 class DecoderBlock(nn.Module):
   """A BasicBlock or Bottleneck whose strided conv becomes a 2x2/2 transposed conv."""
+
   block: str  # 'basic' or 'bottleneck'
   planes: int
   upsample: bool = False
@@ -58,25 +60,33 @@ class DecoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    bn = functools.partial(teacher.batch_norm, self.train, dtype=self.dtype,
-                           axis_name=self.bn_axis_name)
+    bn = functools.partial(
+      teacher.batch_norm, self.train, dtype=self.dtype, axis_name=self.bn_axis_name
+    )
     if self.block == 'basic':
       out_channels = self.planes
-      y = (deconv(self.planes, 'conv1', self.dtype) if self.upsample else
-           teacher.conv(self.planes, 3, 1, 'conv1', self.dtype))(x)
+      y = (
+        deconv(self.planes, 'conv1', self.dtype)
+        if self.upsample
+        else teacher.conv(self.planes, 3, 1, 'conv1', self.dtype)
+      )(x)
       y = nn.relu(bn(name='bn1')(y))
       y = bn(name='bn2')(teacher.conv(self.planes, 3, 1, 'conv2', self.dtype)(y))
     else:
       out_channels = self.planes * 4
       width = self.planes * self.width_per_group // 64
       y = nn.relu(bn(name='bn1')(teacher.conv(width, 1, 1, 'conv1', self.dtype)(x)))
-      y = (deconv(width, 'conv2', self.dtype) if self.upsample else
-           teacher.conv(width, 3, 1, 'conv2', self.dtype))(y)
+      y = (
+        deconv(width, 'conv2', self.dtype)
+        if self.upsample
+        else teacher.conv(width, 3, 1, 'conv2', self.dtype)
+      )(y)
       y = nn.relu(bn(name='bn2')(y))
       y = bn(name='bn3')(teacher.conv(out_channels, 1, 1, 'conv3', self.dtype)(y))
     if self.attention:
-      y = CoordAttention(self.train, dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                         name='attention')(y)
+      y = CoordAttention(
+        self.train, dtype=self.dtype, bn_axis_name=self.bn_axis_name, name='attention'
+      )(y)
     if self.upsample:
       x = bn(name='upsample_1')(deconv(out_channels, 'upsample_0', self.dtype)(x))
     return nn.relu(y + x)
@@ -84,6 +94,7 @@ class DecoderBlock(nn.Module):
 
 class Decoder(nn.Module):
   """Embedding (B, h4, w4, 512 * expansion) -> [d1, d2, d3] shaped like [e1, e2, e3]."""
+
   arch: teacher.Arch
   attention: bool = True
   train: bool = False
@@ -99,9 +110,16 @@ class Decoder(nn.Module):
     for stage, (planes, blocks) in enumerate(zip((256, 128, 64), spec.layers[:3])):
       level = 3 - stage
       for i in range(blocks):
-        x = DecoderBlock(spec.block, planes, upsample=i == 0,
-                         width_per_group=spec.width_per_group,
-                         attention=self.attention, train=self.train, dtype=self.dtype,
-                         bn_axis_name=self.bn_axis_name, name=f'level{level}_{i}')(x)
+        x = DecoderBlock(
+          spec.block,
+          planes,
+          upsample=i == 0,
+          width_per_group=spec.width_per_group,
+          attention=self.attention,
+          train=self.train,
+          dtype=self.dtype,
+          bn_axis_name=self.bn_axis_name,
+          name=f'level{level}_{i}',
+        )(x)
       outputs.append(x)
     return outputs[::-1]

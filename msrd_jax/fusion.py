@@ -11,7 +11,8 @@ MFF (RD4AD's original): the alignment and concatenation applied to e1, e2, e3 di
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -31,6 +32,7 @@ def fusion_weights(a: jax.Array) -> jax.Array:
 
 class ConvBNReLU(nn.Module):
   """3x3 conv (PyTorch padding 1) -> BN -> ReLU."""
+
   features: int
   stride: int = 1
   train: bool = False
@@ -51,6 +53,7 @@ class Align(nn.Module):
 
   features: [f1, f2, f3] with channels (C1, C2, C3) -> (B, h3, w3, 3 * C3).
   """
+
   channels: Sequence[int]
   train: bool = False
   dtype: Any = jnp.float32
@@ -68,6 +71,7 @@ class Align(nn.Module):
 
 class Mapping(nn.Module):
   """T(j -> i): teacher level j onto level i's resolution and channels."""
+
   source: int
   target: int
   channels: Sequence[int]
@@ -81,8 +85,14 @@ class Mapping(nn.Module):
       return x
     if self.source < self.target:
       for k in range(self.source, self.target):
-        x = ConvBNReLU(self.channels[k + 1], 2, self.train, self.dtype,
-                       self.bn_axis_name, name=f'down{k - self.source + 1}')(x)
+        x = ConvBNReLU(
+          self.channels[k + 1],
+          2,
+          self.train,
+          self.dtype,
+          self.bn_axis_name,
+          name=f'down{k - self.source + 1}',
+        )(x)
       return x
     x = teacher.conv(self.channels[self.target], 1, 1, 'conv', self.dtype)(x)
     x = teacher.batch_norm(self.train, 'bn', self.dtype, self.bn_axis_name)(x)
@@ -94,6 +104,7 @@ class MSFF(nn.Module):
 
   features: [e1, e2, e3] (B, h_k, w_k, C_k) -> (B, h3, w3, 3 * C3).
   """
+
   channels: Sequence[int]
   init_self: float = 1.0
   init_other: float = 0.5
@@ -106,17 +117,22 @@ class MSFF(nn.Module):
   def __call__(self, features: Sequence[jax.Array]) -> jax.Array:
     kw = dict(train=self.train, dtype=self.dtype, bn_axis_name=self.bn_axis_name)
     levels = len(features)
-    a = self.param('fusion_logits', lambda _, n: jnp.where(
-        jnp.eye(n, dtype=bool), self.init_self, self.init_other).astype(jnp.float32),
-                   levels)
+    a = self.param(
+      'fusion_logits',
+      lambda _, n: jnp.where(jnp.eye(n, dtype=bool), self.init_self, self.init_other).astype(
+        jnp.float32
+      ),
+      levels,
+    )
     w = fusion_weights(a)
     fused = []
     for i in range(levels):
       hw = features[i].shape[1:3]
-      g = sum(w[i, j].astype(self.dtype) * Mapping(j, i, self.channels,
-                                                   name=f'map_{j + 1}_to_{i + 1}', **kw)(
-                                                       features[j], hw)
-              for j in range(levels))
+      g = sum(
+        w[i, j].astype(self.dtype)
+        * Mapping(j, i, self.channels, name=f'map_{j + 1}_to_{i + 1}', **kw)(features[j], hw)
+        for j in range(levels)
+      )
       g = nn.relu(g)
       if self.attention:
         g = CoordAttention(name=f'attention_{i + 1}', **kw)(g)

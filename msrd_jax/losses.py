@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
 from msrd_jax.anomaly_map import cosine_distance_map
+
 
 def global_cosine_loss(e: jax.Array, d: jax.Array) -> jax.Array:
   """RD4AD's loss: 1 - cos of each image's whole flattened map, mean over the batch.
@@ -23,9 +24,9 @@ def pixel_cosine_loss(e: jax.Array, d: jax.Array) -> jax.Array:
   return jnp.mean(cosine_distance_map(e, d))
 
 
-def distillation_loss(teacher_features: Sequence[jax.Array],
-                      student_features: Sequence[jax.Array],
-                      kind: str = 'global') -> jax.Array:
+def distillation_loss(
+  teacher_features: Sequence[jax.Array], student_features: Sequence[jax.Array], kind: str = 'global'
+) -> jax.Array:
   """Sum over levels of the per-level loss ('global' or 'pixel')."""
   fn = {'global': global_cosine_loss, 'pixel': pixel_cosine_loss}.get(kind)
   if fn is None:

@@ -7,7 +7,6 @@ what normal images look like and reconstructs anomalies badly.
 
 from __future__ import annotations
 
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,8 +14,7 @@ import jax.numpy as jnp
 SHRINK_EPS = 1e-12
 
 
-def read_weights(z: jax.Array, memory: jax.Array, temperature: float,
-                 shrink: float) -> jax.Array:
+def read_weights(z: jax.Array, memory: jax.Array, temperature: float, shrink: float) -> jax.Array:
   """Addressing weights of each query over the memory slots.
 
   Args:
@@ -52,6 +50,7 @@ class MemoryBank(nn.Module):
   mode 'replace': z' = w M; 'residual': z' = z + g * w M with g a learned scalar
   starting at 0; 'off': z' = z (and entropy 0).
   """
+
   slots: int = 50
   temperature: float = 0.05
   shrink: float | None = None  # None means 1 / slots
@@ -62,13 +61,12 @@ class MemoryBank(nn.Module):
     if self.mode == 'off':
       return z, jnp.zeros((), jnp.float32), jnp.zeros((*z.shape[:-1], 0), jnp.float32)
     if self.mode not in ('replace', 'residual'):
-      raise ValueError(f"memory mode must be 'replace', 'residual' or 'off', got "
-                       f'{self.mode!r}')
+      raise ValueError(f"memory mode must be 'replace', 'residual' or 'off', got {self.mode!r}")
     d = z.shape[-1]
     bound = 1.0 / jnp.sqrt(d)  # MemAE's uniform init
     memory = self.param(
-        'memory', lambda k, s: jax.random.uniform(k, s, jnp.float32, -bound, bound),
-        (self.slots, d))
+      'memory', lambda k, s: jax.random.uniform(k, s, jnp.float32, -bound, bound), (self.slots, d)
+    )
     shrink = 1.0 / self.slots if self.shrink is None else self.shrink
     queries = z.reshape(-1, d).astype(jnp.float32)
     w = read_weights(queries, memory, self.temperature, shrink)

@@ -33,8 +33,9 @@ _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 def _as_scores(x, name: str) -> np.ndarray:
   """Real-valued scores as an array, rejecting NaN and infinity."""
   a = np.asarray(x)
-  if a.dtype == bool or not (np.issubdtype(a.dtype, np.floating)
-                             or np.issubdtype(a.dtype, np.integer)):
+  if a.dtype == bool or not (
+    np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)
+  ):
     raise ValueError(f'{name} must hold real numbers; got an array of dtype {a.dtype}.')
   # min and max propagate NaN and expose infinities without a full-size temporary.
   if a.size and not (np.isfinite(a.min()) and np.isfinite(a.max())):
@@ -55,8 +56,9 @@ def _as_binary(x, name: str, shape: tuple[int, ...], like: str) -> np.ndarray:
   bad = m[b] != 1
   if bad.any():
     raise ValueError(
-        f'{name} must be binary (0/1 or bool); found the value {m[b][bad][0]!r}. '
-        'Binarize ground-truth masks first (e.g. mask > 0.5).')
+      f'{name} must be binary (0/1 or bool); found the value {m[b][bad][0]!r}. '
+      'Binarize ground-truth masks first (e.g. mask > 0.5).'
+    )
   return b
 
 
@@ -70,6 +72,7 @@ def _check_maps(amaps, masks) -> tuple[np.ndarray, np.ndarray]:
 
 class _Split(NamedTuple):
   """Scores of the two classes, each sorted ascending."""
+
   neg: np.ndarray
   pos: np.ndarray
 
@@ -84,7 +87,7 @@ def _select(scores: np.ndarray, keep: np.ndarray, negate: bool) -> np.ndarray:
   start = 0
   for s, k in zip(scores, keep):
     part = s[~k] if negate else s[k]
-    out[start:start + part.size] = part
+    out[start : start + part.size] = part
     start += part.size
   return out
 
@@ -93,8 +96,9 @@ def _split(scores: np.ndarray, positive: np.ndarray, what: str) -> _Split:
   n_pos = int(np.count_nonzero(positive))
   if n_pos == 0 or n_pos == positive.size:
     raise ValueError(
-        f'{what} needs both classes: got {n_pos} anomalous and {positive.size - n_pos} '
-        'normal ' + ('pixels.' if 'pixel' in what else 'images.'))
+      f'{what} needs both classes: got {n_pos} anomalous and {positive.size - n_pos} '
+      'normal ' + ('pixels.' if 'pixel' in what else 'images.')
+    )
   neg = _select(scores, positive, negate=True)
   neg.sort()  # in place: a private copy
   pos = _select(scores, positive, negate=False)
@@ -222,6 +226,7 @@ def roc_curve(scores, labels) -> tuple[np.ndarray, np.ndarray]:
 
 class _Defects(NamedTuple):
   """Defect pixels of a category: scores ascending, and the PRO weight of each."""
+
   scores: np.ndarray
   # Each defect pixel weighs 1 / (number of regions * size of its region), and the PRO
   # at threshold t is the total weight of the defect pixels scoring >= t:
@@ -245,8 +250,9 @@ def _defects(amaps: np.ndarray, defect: np.ndarray) -> _Defects:
     regions.append(labels[m].astype(np.int64) + (num_regions - 1))
     num_regions += n
   if not num_regions:
-    raise ValueError('masks contain no defect pixel: AU-PRO needs at least one defect '
-                     'region in the ground truth.')
+    raise ValueError(
+      'masks contain no defect pixel: AU-PRO needs at least one defect region in the ground truth.'
+    )
   scores, regions = np.concatenate(scores), np.concatenate(regions)
   per_region = 1.0 / (num_regions * np.bincount(regions).astype(np.float64))
   order = np.argsort(scores)
@@ -273,6 +279,7 @@ class _NormalTop(NamedTuple):
   ties_below more normal pixels score exactly top[0]. Every threshold above top[0] has
   FPR <= the limit and top[0] itself is the first beyond it (or top is everything).
   """
+
   top: np.ndarray
   ties_below: int
   n_neg: int
@@ -294,13 +301,15 @@ def _normal_top(neg: np.ndarray, fpr_limit: float, is_sorted: bool) -> _NormalTo
   top = neg[cut:]
   top.sort()
   # Counted in chunks: a full-size boolean temporary would add 1 byte per pixel.
-  ties = sum(int(np.count_nonzero(neg[i:min(i + 2**20, cut)] == top[0]))
-             for i in range(0, cut, 2**20))
+  ties = sum(
+    int(np.count_nonzero(neg[i : min(i + 2**20, cut)] == top[0])) for i in range(0, cut, 2**20)
+  )
   return _NormalTop(top, ties, n_neg)
 
 
-def _pro_points(normal: _NormalTop, defects: _Defects, thresholds: np.ndarray,
-                side: str) -> tuple[np.ndarray, np.ndarray]:
+def _pro_points(
+  normal: _NormalTop, defects: _Defects, thresholds: np.ndarray, side: str
+) -> tuple[np.ndarray, np.ndarray]:
   """(fpr, pro) at thresholds >= normal.top[0]; side 'left' counts scores >= t, 'right' > t."""
   fp = normal.top.size - np.searchsorted(normal.top, thresholds, side=side)
   if side == 'left' and normal.ties_below:
@@ -319,7 +328,7 @@ def _pro_corners(normal: _NormalTop, defects: _Defects) -> tuple[np.ndarray, np.
   """
   t_min = normal.top[0]
   d = defects.scores
-  d = d[np.searchsorted(d, t_min, side='left'):]
+  d = d[np.searchsorted(d, t_min, side='left') :]
   distinct = d[np.concatenate(([True], d[1:] != d[:-1]))][::-1] if d.size else d
   # (0, 0), then (> v, >= v) for each distinct v from the highest, then >= t_min.
   fpr, pro = np.empty(2 * distinct.size + 2), np.empty(2 * distinct.size + 2)
@@ -340,8 +349,7 @@ def _cut(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> tuple[int, float
   return i, float(y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0))
 
 
-def _truncate(fpr: np.ndarray, pro: np.ndarray,
-              fpr_limit: float) -> tuple[np.ndarray, np.ndarray]:
+def _truncate(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> tuple[np.ndarray, np.ndarray]:
   """The curve up to fpr_limit, ending with a point interpolated at exactly fpr_limit."""
   i, y = _cut(fpr, pro, fpr_limit)
   if y is None:
@@ -357,8 +365,10 @@ def _check_fpr_limit(fpr_limit: float) -> float:
 
 def _normal_scores(amaps: np.ndarray, defect: np.ndarray) -> np.ndarray:
   if np.all(defect):
-    raise ValueError('masks mark every pixel as defective: AU-PRO needs defect-free '
-                     'pixels to measure the false-positive rate.')
+    raise ValueError(
+      'masks mark every pixel as defective: AU-PRO needs defect-free '
+      'pixels to measure the false-positive rate.'
+    )
   return _select(amaps, defect, negate=True)
 
 
@@ -391,7 +401,7 @@ def pro_curve(amaps, masks, fpr_limit: float | None = None) -> tuple[np.ndarray,
   d = defects.scores
   if normal.top.size + normal.ties_below < normal.n_neg:
     # Defect scores below the cut only matter beyond the limit.
-    d = d[np.searchsorted(d, normal.top[0], side='left'):]
+    d = d[np.searchsorted(d, normal.top[0], side='left') :]
   thresholds = np.unique(np.concatenate((normal.top, d)))[::-1]
   fpr, pro = _pro_points(normal, defects, thresholds, 'left')
   fpr, pro = np.concatenate(([0.0], fpr)), np.concatenate(([0.0], pro))
@@ -430,8 +440,9 @@ def au_pro(amaps, masks, fpr_limit: float = 0.3) -> float:
 # RD4AD's AU-PRO.
 
 
-def _rd4ad_compute_pro(amaps: np.ndarray, defect: np.ndarray, num_th: int,
-                       where: str) -> tuple[float, str]:
+def _rd4ad_compute_pro(
+  amaps: np.ndarray, defect: np.ndarray, num_th: int, where: str
+) -> tuple[float, str]:
   """RD4AD's `compute_pro(masks, amaps, num_th)` (hq-deng/RD4AD, test.py), vectorized.
 
   Returns (value, '') or (nan, why it is undefined), where RD4AD would crash or get NaN.
@@ -476,26 +487,31 @@ def _rd4ad_compute_pro(amaps: np.ndarray, defect: np.ndarray, num_th: int,
   return float(direction * np.trapezoid(y, x)), ''
 
 
-def _au_pro_rd4ad(a: np.ndarray, defect: np.ndarray, num_thresholds: int,
-                  per_image: bool) -> tuple[float, str]:
+def _au_pro_rd4ad(
+  a: np.ndarray, defect: np.ndarray, num_thresholds: int, per_image: bool
+) -> tuple[float, str]:
   if not (isinstance(num_thresholds, (int, np.integer)) and num_thresholds > 0):
     raise ValueError(f'num_thresholds must be a positive int; got {num_thresholds!r}.')
   if not per_image:
     if not defect.any():
-      raise ValueError('masks contain no defect pixel: AU-PRO needs at least one defect '
-                       'region in the ground truth.')
+      raise ValueError(
+        'masks contain no defect pixel: AU-PRO needs at least one defect '
+        'region in the ground truth.'
+      )
     return _rd4ad_compute_pro(a, defect, int(num_thresholds), 'the category')
   values = []
   for i in range(a.shape[0]):
     if defect[i].any():
-      v, why = _rd4ad_compute_pro(a[i:i + 1], defect[i:i + 1], int(num_thresholds),
-                                  f'image {i}')
+      v, why = _rd4ad_compute_pro(
+        a[i : i + 1], defect[i : i + 1], int(num_thresholds), f'image {i}'
+      )
       if why:
         return v, why
       values.append(v)
   if not values:
-    raise ValueError('masks contain no defect pixel: AU-PRO needs at least one defect '
-                     'region in the ground truth.')
+    raise ValueError(
+      'masks contain no defect pixel: AU-PRO needs at least one defect region in the ground truth.'
+    )
   return float(np.mean(values)), ''
 
 
@@ -545,20 +561,22 @@ def evaluate_all(scores, labels, amaps, masks, fpr_limit: float = 0.3) -> dict[s
   limit = _check_fpr_limit(fpr_limit)
   image = _image_split(scores, labels)
   if image.neg.size + image.pos.size != a.shape[0]:
-    raise ValueError(f'scores and amaps must cover the same images; got '
-                     f'{image.neg.size + image.pos.size} scores and {a.shape[0]} maps.')
+    raise ValueError(
+      f'scores and amaps must cover the same images; got '
+      f'{image.neg.size + image.pos.size} scores and {a.shape[0]} maps.'
+    )
   defects = _defects(a, defect)
   neg = _normal_scores(a, defect)
   neg.sort()
   pixel = _Split(neg, defects.scores)
   rd4ad, _ = _au_pro_rd4ad(a, defect, 200, per_image=True)
   return {
-      'image_auroc': _auroc(image),
-      'pixel_auroc': _auroc(pixel),
-      'au_pro': _au_pro(_normal_top(neg, limit, is_sorted=True), defects, limit),
-      'image_ap': _ap(image),
-      'pixel_ap': _ap(pixel),
-      'image_f1_max': _f1_max(image),
-      'pixel_f1_max': _f1_max(pixel),
-      'au_pro_rd4ad': rd4ad,
+    'image_auroc': _auroc(image),
+    'pixel_auroc': _auroc(pixel),
+    'au_pro': _au_pro(_normal_top(neg, limit, is_sorted=True), defects, limit),
+    'image_ap': _ap(image),
+    'pixel_ap': _ap(pixel),
+    'image_f1_max': _f1_max(image),
+    'pixel_f1_max': _f1_max(pixel),
+    'au_pro_rd4ad': rd4ad,
   }

@@ -10,7 +10,8 @@ student is plain RD4AD (Deng & Li, CVPR 2022).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -30,6 +31,7 @@ class Student(nn.Module):
   aux: {'entropy': scalar read-weight entropy of the memory (0 when off),
         'embedding': (B, h4, w4, D) the one-class embedding after the memory}.
   """
+
   arch: teacher_lib.Arch
   fusion: str = 'msff'
   msff_init_self: float = 1.0
@@ -50,30 +52,49 @@ class Student(nn.Module):
     channels = teacher_lib.feature_channels(self.arch)
     features = [f.astype(self.dtype) for f in features]
     if self.fusion == 'msff':
-      x = MSFF(channels, self.msff_init_self, self.msff_init_other,
-               attention='fusion' in self.attention, name='fusion', **kw)(features)
+      x = MSFF(
+        channels,
+        self.msff_init_self,
+        self.msff_init_other,
+        attention='fusion' in self.attention,
+        name='fusion',
+        **kw,
+      )(features)
     elif self.fusion == 'mff':
       x = MFF(channels, name='fusion', **kw)(features)
     else:
       raise ValueError(f"model.fusion must be 'msff' or 'mff', got {self.fusion!r}")
     z = OCE(self.arch, self.oce_blocks, name='oce', **kw)(x)
-    z, entropy, _ = MemoryBank(self.memory_slots, self.memory_temperature,
-                               self.memory_shrink, self.memory_mode, name='memory')(z)
-    decoded = Decoder(self.arch, attention='decoder' in self.attention, name='decoder',
-                      **kw)(z)
+    z, entropy, _ = MemoryBank(
+      self.memory_slots,
+      self.memory_temperature,
+      self.memory_shrink,
+      self.memory_mode,
+      name='memory',
+    )(z)
+    decoded = Decoder(self.arch, attention='decoder' in self.attention, name='decoder', **kw)(z)
     return decoded, {'entropy': entropy, 'embedding': z}
 
 
-def student_from_config(config: ml_collections.ConfigDict, *, train: bool,
-                        bn_axis_name: str | None = None) -> Student:
+def student_from_config(
+  config: ml_collections.ConfigDict, *, train: bool, bn_axis_name: str | None = None
+) -> Student:
   m = config.model
   return Student(
-      arch=m.backbone, fusion=m.fusion, msff_init_self=m.msff.init_self,
-      msff_init_other=m.msff.init_other, attention=tuple(m.coord_attention),
-      memory_mode=m.memory.mode, memory_slots=m.memory.slots,
-      memory_temperature=m.memory.temperature, memory_shrink=m.memory.shrink,
-      oce_blocks=m.get('oce_blocks'), train=train, dtype=jnp.dtype(config.train.dtype),
-      bn_axis_name=bn_axis_name)
+    arch=m.backbone,
+    fusion=m.fusion,
+    msff_init_self=m.msff.init_self,
+    msff_init_other=m.msff.init_other,
+    attention=tuple(m.coord_attention),
+    memory_mode=m.memory.mode,
+    memory_slots=m.memory.slots,
+    memory_temperature=m.memory.temperature,
+    memory_shrink=m.memory.shrink,
+    oce_blocks=m.get('oce_blocks'),
+    train=train,
+    dtype=jnp.dtype(config.train.dtype),
+    bn_axis_name=bn_axis_name,
+  )
 
 
 class MSRD:
@@ -83,12 +104,10 @@ class MSRD:
   student_vars: {'params', 'batch_stats'} of the Student.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict,
-               bn_axis_name: str | None = None):
+  def __init__(self, config: ml_collections.ConfigDict, bn_axis_name: str | None = None):
     self.arch = config.model.backbone
     self.teacher = teacher_lib.ResNet(self.arch, dtype=jnp.dtype(config.train.dtype))
-    self.student_train = student_from_config(config, train=True,
-                                             bn_axis_name=bn_axis_name)
+    self.student_train = student_from_config(config, train=True, bn_axis_name=bn_axis_name)
     self.student_eval = student_from_config(config, train=False)
 
   def teacher_features(self, teacher_vars: dict, images: jax.Array) -> list[jax.Array]:
@@ -106,16 +125,19 @@ class MSRD:
 
     return dict(init(rng, teacher_vars))
 
-  def apply_train(self, teacher_vars: dict, params: dict, batch_stats: dict,
-                  images: jax.Array) -> tuple[list, list, dict, dict]:
+  def apply_train(
+    self, teacher_vars: dict, params: dict, batch_stats: dict, images: jax.Array
+  ) -> tuple[list, list, dict, dict]:
     """Training forward: BN on batch statistics. Returns (e, d, aux, new batch_stats)."""
     feats = self.teacher_features(teacher_vars, images)
     (decoded, aux), updates = self.student_train.apply(
-        {'params': params, 'batch_stats': batch_stats}, feats, mutable=['batch_stats'])
+      {'params': params, 'batch_stats': batch_stats}, feats, mutable=['batch_stats']
+    )
     return feats, [d.astype(jnp.float32) for d in decoded], aux, updates['batch_stats']
 
-  def apply_eval(self, teacher_vars: dict, student_vars: dict,
-                 images: jax.Array) -> tuple[list, list, dict]:
+  def apply_eval(
+    self, teacher_vars: dict, student_vars: dict, images: jax.Array
+  ) -> tuple[list, list, dict]:
     """Inference forward: BN on running averages. Returns (e, d, aux)."""
     feats = self.teacher_features(teacher_vars, images)
     decoded, aux = self.student_eval.apply(student_vars, feats)

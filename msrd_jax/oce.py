@@ -22,6 +22,7 @@ def default_blocks(arch: teacher.Arch) -> int:
 
 class OCE(nn.Module):
   """(B, h3, w3, 3 * C3) -> (B, h3 / 2, w3 / 2, 512 * expansion)."""
+
   arch: teacher.Arch
   blocks: int | None = None  # None: default_blocks(arch)
   train: bool = False
@@ -33,8 +34,16 @@ class OCE(nn.Module):
     spec = teacher.arch_spec(self.arch)
     blocks = default_blocks(self.arch) if self.blocks is None else self.blocks
     # in_channels=0 forces the 1x1/2 conv + BN shortcut on the first block.
-    for block in teacher.make_stage(spec, 'layer', 512, blocks, 2, in_channels=0,
-                                    train=self.train, dtype=self.dtype,
-                                    bn_axis_name=self.bn_axis_name):
+    for block in teacher.make_stage(
+      spec,
+      'layer',
+      512,
+      blocks,
+      2,
+      in_channels=0,
+      train=self.train,
+      dtype=self.dtype,
+      bn_axis_name=self.bn_axis_name,
+    ):
       x = block(x)
     return x

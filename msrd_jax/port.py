@@ -22,7 +22,7 @@ import dataclasses
 import os
 import re
 import sys
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import flax
 import numpy as np
@@ -35,13 +35,18 @@ class PortError(ValueError):
 
 
 IGNORED = re.compile(r'^(layer4\.|fc\.)|\.num_batches_tracked$|^num_batches_tracked$')
-_BN_NAMES = {'weight': ('params', 'scale'), 'bias': ('params', 'bias'),
-             'running_mean': ('batch_stats', 'mean'), 'running_var': ('batch_stats', 'var')}
+_BN_NAMES = {
+  'weight': ('params', 'scale'),
+  'bias': ('params', 'bias'),
+  'running_mean': ('batch_stats', 'mean'),
+  'running_var': ('batch_stats', 'var'),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
   """How one torch tensor becomes one Flax variable."""
+
   torch_key: str
   collection: str  # 'params' or 'batch_stats'
   path: tuple[str, ...]  # module path then variable name
@@ -63,8 +68,7 @@ def _torch_name(module_path: Sequence[str]) -> str:
 
 def expected_entries(arch: teacher_lib.Arch) -> dict[str, Entry]:
   """The torch keys (with their shapes) that the `arch` teacher needs."""
-  shapes = flax.traverse_util.flatten_dict(flax.core.unfreeze(
-      teacher_lib.teacher_shapes(arch)))
+  shapes = flax.traverse_util.flatten_dict(flax.core.unfreeze(teacher_lib.teacher_shapes(arch)))
   entries = {}
   for (collection, *modules, name), leaf in shapes.items():
     shape = tuple(leaf.shape)
@@ -72,17 +76,19 @@ def expected_entries(arch: teacher_lib.Arch) -> dict[str, Entry]:
       kh, kw, i, o = shape
       torch_suffix, torch_shape = 'weight', (o, i, kh, kw)
     else:
-      torch_suffix = {('params', 'scale'): 'weight', ('params', 'bias'): 'bias',
-                      ('batch_stats', 'mean'): 'running_mean',
-                      ('batch_stats', 'var'): 'running_var'}[(collection, name)]
+      torch_suffix = {
+        ('params', 'scale'): 'weight',
+        ('params', 'bias'): 'bias',
+        ('batch_stats', 'mean'): 'running_mean',
+        ('batch_stats', 'var'): 'running_var',
+      }[(collection, name)]
       torch_shape = shape
     key = f'{_torch_name(modules)}.{torch_suffix}'
     entries[key] = Entry(key, collection, (*modules, name), torch_shape)
   return entries
 
 
-def plan_port(arch: teacher_lib.Arch,
-              shapes: Mapping[str, Sequence[int]]) -> list[Entry]:
+def plan_port(arch: teacher_lib.Arch, shapes: Mapping[str, Sequence[int]]) -> list[Entry]:
   """Checks a state_dict's keys and shapes against the `arch` teacher.
 
   Args:
@@ -106,8 +112,10 @@ def plan_port(arch: teacher_lib.Arch,
     if key not in expected:
       problems.append(f'unexpected key {key!r} (shape {tuple(shape)})')
     elif tuple(shape) != expected[key].torch_shape:
-      problems.append(f'shape mismatch for {key!r}: file has {tuple(shape)}, '
-                      f'{arch} needs {expected[key].torch_shape}')
+      problems.append(
+        f'shape mismatch for {key!r}: file has {tuple(shape)}, '
+        f'{arch} needs {expected[key].torch_shape}'
+      )
   if problems:
     shown = '\n  '.join(problems[:20])
     more = f'\n  ... and {len(problems) - 20} more' if len(problems) > 20 else ''
@@ -115,8 +123,7 @@ def plan_port(arch: teacher_lib.Arch,
   return list(expected.values())
 
 
-def convert_state_dict(arch: teacher_lib.Arch,
-                       state_dict: Mapping[str, np.ndarray]) -> dict:
+def convert_state_dict(arch: teacher_lib.Arch, state_dict: Mapping[str, np.ndarray]) -> dict:
   """torch state_dict (numpy arrays) -> teacher variables {'params', 'batch_stats'}."""
   entries = plan_port(arch, {k: np.shape(v) for k, v in state_dict.items()})
   flat = {(e.collection, *e.path): e.convert(state_dict[e.torch_key]) for e in entries}
@@ -135,8 +142,10 @@ def _unwrap(obj, path: str) -> dict[str, np.ndarray]:
   out = {}
   for key, value in obj.items():
     if not hasattr(value, 'shape'):
-      raise PortError(f'{path!r}: entry {key!r} is a {type(value).__name__}, '
-                      'not a tensor; is this a torchvision state_dict?')
+      raise PortError(
+        f'{path!r}: entry {key!r} is a {type(value).__name__}, '
+        'not a tensor; is this a torchvision state_dict?'
+      )
     # DataParallel checkpoints prefix every key with 'module.'.
     out[key.removeprefix('module.')] = value
   return out
@@ -149,6 +158,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
   ext = os.path.splitext(path)[1].lower()
   if ext == '.safetensors':
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
     try:
       raw = load_file(path)
     except Exception as e:  # safetensors raises its own error types for bad headers.
@@ -159,18 +169,21 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
       import torch  # pylint: disable=g-import-not-at-top
     except ImportError:
       raise PortError(
-          f'reading {path!r} needs PyTorch (`pip install torch`); or convert it once '
-          'to .safetensors, which needs no torch') from None
+        f'reading {path!r} needs PyTorch (`pip install torch`); or convert it once '
+        'to .safetensors, which needs no torch'
+      ) from None
     try:
       raw = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # torch raises pickle/zip/runtime errors for bad files.
-      raise PortError(f'{path!r} is not a readable PyTorch checkpoint '
-                      f'({type(e).__name__}: {e})') from None
+      raise PortError(
+        f'{path!r} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})'
+      ) from None
     state = _unwrap(raw, path)
-    return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
-            for k, v in state.items()}
-  raise PortError(f'{path!r}: unknown weight format {ext!r}; expected .pth, .pt or '
-                  '.safetensors')
+    return {
+      k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
+      for k, v in state.items()
+    }
+  raise PortError(f'{path!r}: unknown weight format {ext!r}; expected .pth, .pt or .safetensors')
 
 
 def port(arch: str, input_path: str, output_path: str) -> dict:
@@ -187,8 +200,10 @@ def port(arch: str, input_path: str, output_path: str) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog='python -m msrd_jax.port', description=__doc__.split('\n\n')[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
+    prog='python -m msrd_jax.port',
+    description=__doc__.split('\n\n')[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument('--arch', required=True, choices=list(teacher_lib.ARCH_SPECS))
   parser.add_argument('--input', required=True, help='.pth/.pt or .safetensors file')
   parser.add_argument('--output', required=True, help='teacher file to write')

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import csv
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
-from absl import flags
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
 from PIL import Image
 from tqdm import tqdm
 
@@ -36,17 +36,25 @@ def find_images(path: str) -> list[str]:
     return [path]
   if not os.path.isdir(path):
     raise FileNotFoundError(f'--input {path!r} is neither an image file nor a folder')
-  found = sorted(os.path.join(d, f) for d, _, files in os.walk(path) for f in files
-                 if data_lib.folder.is_image_file(f)
-                 and not data_lib.folder.is_ignored_file(f))
+  found = sorted(
+    os.path.join(d, f)
+    for d, _, files in os.walk(path)
+    for f in files
+    if data_lib.folder.is_image_file(f) and not data_lib.folder.is_ignored_file(f)
+  )
   if not found:
-    raise FileNotFoundError(f'no images ({", ".join(data_lib.IMAGE_EXTENSIONS)}) under '
-                            f'{path!r}')
+    raise FileNotFoundError(f'no images ({", ".join(data_lib.IMAGE_EXTENSIONS)}) under {path!r}')
   return found
 
 
-def predict(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str],
-            output: str, root: str | None = None, save_maps: bool = False) -> list[dict]:
+def predict(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  inputs: Sequence[str],
+  output: str,
+  root: str | None = None,
+  save_maps: bool = False,
+) -> list[dict]:
   """Scores every image of `inputs`; returns one record per image.
 
   Images are read by the evaluation loader (threads, same resizing as training and
@@ -56,19 +64,21 @@ def predict(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[st
   model, teacher_vars, student_vars, _ = evaluate_lib.load_run(config, workdir)
   predict_fn = evaluate_lib.make_predict_fn(model, config)
   samples = [data_lib.Sample(p, None, 0, 'unknown', p) for p in inputs]
-  loader = data_lib.EvalLoader(samples, config.data.image_size, config.eval.batch_size,
-                               num_threads=config.data.num_threads,
-                               prefetch=config.data.prefetch)
+  loader = data_lib.EvalLoader(
+    samples,
+    config.data.image_size,
+    config.eval.batch_size,
+    num_threads=config.data.num_threads,
+    prefetch=config.data.prefetch,
+  )
   os.makedirs(output, exist_ok=True)
   records, shown = [], []
   for batch in tqdm(loader, desc='predict', unit='batch', dynamic_ncols=True):
-    amaps, scores = jax.device_get(predict_fn(teacher_vars, student_vars,
-                                              batch['image']))
+    amaps, scores = jax.device_get(predict_fn(teacher_vars, student_vars, batch['image']))
     for i in range(int(np.sum(batch['valid']))):
       path = batch['name'][i]
       y, x = np.unravel_index(np.argmax(amaps[i]), amaps[i].shape)
-      records.append({'file': path, 'score': float(scores[i]), 'max_y': int(y),
-                      'max_x': int(x)})
+      records.append({'file': path, 'score': float(scores[i]), 'max_y': int(y), 'max_x': int(x)})
       image = (255 * batch['image'][i]).round().astype(np.uint8)  # 4x less memory
       shown.append((path, image, amaps[i]))
   # One color scale for all heatmaps, so that colors compare across images.
@@ -78,7 +88,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[st
     rel = os.path.relpath(path, root) if root else os.path.basename(path)
     stem = os.path.splitext(rel)[0].replace(os.sep, '__')
     Image.fromarray(visualize.heatmap_overlay(image, amap, vmin, vmax)).save(
-        os.path.join(output, f'{stem}_heatmap.png'))
+      os.path.join(output, f'{stem}_heatmap.png')
+    )
     if save_maps:
       np.save(os.path.join(output, f'{stem}_map.npy'), amap.astype(np.float32))
   with open(os.path.join(output, 'scores.csv'), 'w', newline='') as f:
@@ -93,8 +104,9 @@ def main(argv) -> None:
 
   def run(config, workdir):
     root = FLAGS.input if os.path.isdir(FLAGS.input) else None
-    records = predict(config, workdir, find_images(FLAGS.input), FLAGS.output, root,
-                      FLAGS.save_maps)
+    records = predict(
+      config, workdir, find_images(FLAGS.input), FLAGS.output, root, FLAGS.save_maps
+    )
     print(f'{len(records)} images scored; {os.path.join(FLAGS.output, "scores.csv")}')
 
   cli.run(argv, run)
@@ -102,7 +114,9 @@ def main(argv) -> None:
 
 if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
+
   from msrd_jax import cli  # pylint: disable=g-import-not-at-top
+
   cli.define_flags('Directory of the trained run.')
   flags.DEFINE_string('input', None, 'An image file or a folder of images.')
   flags.DEFINE_string('output', None, 'Folder for scores.csv and the heatmaps.')

@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import os
 
-from absl import flags
 import ml_collections
+from absl import flags
 
 from msrd_jax import config as config_lib
 from msrd_jax import data as data_lib
@@ -33,31 +33,34 @@ def discover_categories(config: ml_collections.ConfigDict) -> list[str]:
   reader, root = config_lib.resolve_data(config)
   if config.data.dataset == 'synthetic':
     from msrd_jax.data.synthetic import CATEGORIES  # pylint: disable=g-import-not-at-top
+
     return list(CATEGORIES)
   if reader == 'visa':
     from msrd_jax.data.visa import visa_categories  # pylint: disable=g-import-not-at-top
+
     return visa_categories(root)
-  found = sorted(d for d in os.listdir(root)
-                 if os.path.isdir(os.path.join(root, d, 'train')))
+  found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d, 'train')))
   if not found:
     raise data_lib.DataError(
-        f'no category folders (<category>/train/) under {root!r}; expected the MVTec '
-        'AD layout <root>/<category>/train/good, test/<defect>, ground_truth/<defect>')
+      f'no category folders (<category>/train/) under {root!r}; expected the MVTec '
+      'AD layout <root>/<category>/train/good, test/<defect>, ground_truth/<defect>'
+    )
   order = data_lib.MVTEC_TEXTURES + data_lib.MVTEC_OBJECTS
   return [c for c in order if c in found] + [c for c in found if c not in order]
 
 
-def category_config(config: ml_collections.ConfigDict,
-                    category: str) -> ml_collections.ConfigDict:
+def category_config(config: ml_collections.ConfigDict, category: str) -> ml_collections.ConfigDict:
   c = config.copy_and_resolve_references()
   c.data.category = category
   return c
 
 
-def run_all(config: ml_collections.ConfigDict, workdir: str,
-            categories: list[str] | None = None) -> dict[str, dict[str, float]]:
+def run_all(
+  config: ml_collections.ConfigDict, workdir: str, categories: list[str] | None = None
+) -> dict[str, dict[str, float]]:
   """Trains and evaluates each category (skipping finished ones); returns all results."""
   from msrd_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+
   config_lib.validate(config)
   categories = categories or discover_categories(config)
   results = {}
@@ -94,8 +97,7 @@ def main(argv) -> None:
   from msrd_jax import train as train_lib  # pylint: disable=g-import-not-at-top
 
   def run(config, workdir):
-    categories = [c for c in FLAGS.categories.split(',') if c] if FLAGS.categories \
-        else None
+    categories = [c for c in FLAGS.categories.split(',') if c] if FLAGS.categories else None
     print(visualize.results_table_markdown(run_all(config, workdir, categories)))
 
   cli.run(argv, run, extra_errors=(train_lib.TrainingDiverged,))
@@ -103,7 +105,9 @@ def main(argv) -> None:
 
 if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
+
   from msrd_jax import cli  # pylint: disable=g-import-not-at-top
+
   cli.define_flags('Directory of the whole run: one sub-folder per category.')
   flags.DEFINE_string('categories', None, 'Comma-separated categories (default: all).')
   app.run(main)

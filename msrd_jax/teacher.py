@@ -59,11 +59,11 @@ class ArchSpec:
 Arch = str | ArchSpec
 
 ARCH_SPECS: dict[str, ArchSpec] = {
-    'resnet18': ArchSpec('basic', (2, 2, 2, 2)),
-    'resnet34': ArchSpec('basic', (3, 4, 6, 3)),
-    'resnet50': ArchSpec('bottleneck', (3, 4, 6, 3)),
-    'wide_resnet50_2': ArchSpec('bottleneck', (3, 4, 6, 3), 128),
-    'wide_resnet101_2': ArchSpec('bottleneck', (3, 4, 23, 3), 128),
+  'resnet18': ArchSpec('basic', (2, 2, 2, 2)),
+  'resnet34': ArchSpec('basic', (3, 4, 6, 3)),
+  'resnet50': ArchSpec('bottleneck', (3, 4, 6, 3)),
+  'wide_resnet50_2': ArchSpec('bottleneck', (3, 4, 6, 3), 128),
+  'wide_resnet101_2': ArchSpec('bottleneck', (3, 4, 23, 3), 128),
 }
 
 # torchvision's init for convolutions: kaiming_normal_(mode='fan_out', nonlinearity='relu').
@@ -81,8 +81,9 @@ def arch_spec(arch: Arch) -> ArchSpec:
   try:
     return ARCH_SPECS[arch]
   except KeyError:
-    raise ValueError(f'unknown teacher architecture {arch!r}; expected one of '
-                     f'{", ".join(ARCH_SPECS)}') from None
+    raise ValueError(
+      f'unknown teacher architecture {arch!r}; expected one of {", ".join(ARCH_SPECS)}'
+    ) from None
 
 
 def feature_channels(arch: Arch) -> tuple[int, int, int]:
@@ -91,29 +92,45 @@ def feature_channels(arch: Arch) -> tuple[int, int, int]:
   return (64 * e, 128 * e, 256 * e)
 
 
-def conv(features: int, kernel: int, stride: int = 1, name: str | None = None,
-         dtype: Any = jnp.float32) -> nn.Conv:
+def conv(
+  features: int, kernel: int, stride: int = 1, name: str | None = None, dtype: Any = jnp.float32
+) -> nn.Conv:
   """A bias-free convolution with PyTorch's explicit symmetric padding kernel // 2.
 
   Flax's 'SAME' pads asymmetrically for stride 2, which shifts every feature map by a
   pixel against torchvision's; explicit padding reproduces PyTorch exactly.
   """
   p = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((p, p), (p, p)), use_bias=False, kernel_init=conv_init,
-                 dtype=dtype, name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=((p, p), (p, p)),
+    use_bias=False,
+    kernel_init=conv_init,
+    dtype=dtype,
+    name=name,
+  )
 
 
-def batch_norm(train: bool, name: str | None = None, dtype: Any = jnp.float32,
-               axis_name: str | None = None) -> nn.BatchNorm:
+def batch_norm(
+  train: bool, name: str | None = None, dtype: Any = jnp.float32, axis_name: str | None = None
+) -> nn.BatchNorm:
   """BatchNorm with PyTorch's eps and momentum; batch statistics only when training."""
-  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                      epsilon=BN_EPS, dtype=dtype, axis_name=axis_name, name=name,
-                      use_fast_variance=False)
+  return nn.BatchNorm(
+    use_running_average=not train,
+    momentum=BN_MOMENTUM,
+    epsilon=BN_EPS,
+    dtype=dtype,
+    axis_name=axis_name,
+    name=name,
+    use_fast_variance=False,
+  )
 
 
 class BasicBlock(nn.Module):
   """torchvision's BasicBlock: two 3x3 convs; the stride sits on the first."""
+
   planes: int
   stride: int = 1
   downsample: bool = False
@@ -125,8 +142,7 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    bn = functools.partial(batch_norm, self.train, dtype=self.dtype,
-                           axis_name=self.bn_axis_name)
+    bn = functools.partial(batch_norm, self.train, dtype=self.dtype, axis_name=self.bn_axis_name)
     y = conv(self.planes, 3, self.stride, 'conv1', self.dtype)(x)
     y = nn.relu(bn(name='bn1')(y))
     y = conv(self.planes, 3, 1, 'conv2', self.dtype)(y)
@@ -139,6 +155,7 @@ class BasicBlock(nn.Module):
 
 class Bottleneck(nn.Module):
   """torchvision's Bottleneck (v1.5): 1x1, 3x3 with the stride, 1x1 expanding by 4."""
+
   planes: int
   stride: int = 1
   downsample: bool = False
@@ -151,8 +168,7 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    bn = functools.partial(batch_norm, self.train, dtype=self.dtype,
-                           axis_name=self.bn_axis_name)
+    bn = functools.partial(batch_norm, self.train, dtype=self.dtype, axis_name=self.bn_axis_name)
     width = self.planes * self.width_per_group // 64
     y = conv(width, 1, 1, 'conv1', self.dtype)(x)
     y = nn.relu(bn(name='bn1')(y))
@@ -166,18 +182,33 @@ class Bottleneck(nn.Module):
     return nn.relu(y + x)
 
 
-def make_stage(spec: ArchSpec, name: str, planes: int, blocks: int, stride: int,
-               in_channels: int, train: bool = False, dtype: Any = jnp.float32,
-               bn_axis_name: str | None = None) -> list[nn.Module]:
+def make_stage(
+  spec: ArchSpec,
+  name: str,
+  planes: int,
+  blocks: int,
+  stride: int,
+  in_channels: int,
+  train: bool = False,
+  dtype: Any = jnp.float32,
+  bn_axis_name: str | None = None,
+) -> list[nn.Module]:
   """The blocks of one ResNet stage, named like torchvision's `layerK.i`."""
   kind = BasicBlock if spec.block == 'basic' else Bottleneck
   extra = {} if spec.block == 'basic' else {'width_per_group': spec.width_per_group}
   needs_downsample = stride != 1 or in_channels != planes * spec.expansion
   return [
-      kind(planes=planes, stride=stride if i == 0 else 1,
-           downsample=needs_downsample and i == 0, train=train, dtype=dtype,
-           bn_axis_name=bn_axis_name, name=f'{name}_{i}', **extra)
-      for i in range(blocks)
+    kind(
+      planes=planes,
+      stride=stride if i == 0 else 1,
+      downsample=needs_downsample and i == 0,
+      train=train,
+      dtype=dtype,
+      bn_axis_name=bn_axis_name,
+      name=f'{name}_{i}',
+      **extra,
+    )
+    for i in range(blocks)
   ]
 
 
@@ -188,6 +219,7 @@ class ResNet(nn.Module):
   `feature_channels(arch)` channels (spatial sizes follow PyTorch's floor arithmetic:
   H -> ceil(H/2) -> ceil(../2) ... as torchvision does for odd sizes).
   """
+
   arch: Arch
   dtype: Any = jnp.float32
 
@@ -204,8 +236,16 @@ class ResNet(nn.Module):
     features = []
     in_channels = 64
     for k, (planes, stride) in enumerate(((64, 1), (128, 2), (256, 2))):
-      for block in make_stage(spec, f'layer{k + 1}', planes, spec.layers[k], stride,
-                              in_channels, train=False, dtype=self.dtype):
+      for block in make_stage(
+        spec,
+        f'layer{k + 1}',
+        planes,
+        spec.layers[k],
+        stride,
+        in_channels,
+        train=False,
+        dtype=self.dtype,
+      ):
         x = block(x)
       in_channels = planes * spec.expansion
       features.append(x)
@@ -220,10 +260,12 @@ def init_teacher(arch: str, seed: int = 0, warn: bool = True) -> dict:
   """
   if warn:
     warnings.warn(
-        f'The {arch} teacher has RANDOM weights (model.teacher_weights is None): '
-        'results are not comparable with published figures. Port ImageNet weights '
-        'with `python -m msrd_jax.port` and set model.teacher_weights.',
-        RuntimeWarning, stacklevel=2)
+      f'The {arch} teacher has RANDOM weights (model.teacher_weights is None): '
+      'results are not comparable with published figures. Port ImageNet weights '
+      'with `python -m msrd_jax.port` and set model.teacher_weights.',
+      RuntimeWarning,
+      stacklevel=2,
+    )
   model = ResNet(arch)
   variables = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 64, 64, 3)))
   return flax.core.unfreeze(variables)
@@ -243,10 +285,9 @@ def save_teacher(path: str, arch: str, variables: dict) -> None:
   """
   arch_spec(arch)
   payload = {
-      'format': TEACHER_FORMAT,
-      'arch': arch,
-      'variables': jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32),
-                                          variables),
+    'format': TEACHER_FORMAT,
+    'arch': arch,
+    'variables': jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), variables),
   }
   data = flax.serialization.msgpack_serialize(payload)
   tmp = f'{path}.tmp'
@@ -263,33 +304,43 @@ def load_teacher(arch: str, path: str) -> dict:
   architecture, or its tree or shapes differ from `arch`'s.
   """
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'teacher weights {path!r} do not exist; write them with '
-                            f'`python -m msrd_jax.port --arch {arch} --input ... '
-                            f'--output {path}`')
+    raise FileNotFoundError(
+      f'teacher weights {path!r} do not exist; write them with '
+      f'`python -m msrd_jax.port --arch {arch} --input ... '
+      f'--output {path}`'
+    )
   with open(path, 'rb') as f:
     data = f.read()
   try:
     payload = flax.serialization.msgpack_restore(data)
   except Exception as e:  # msgpack raises several unrelated types for garbage.
-    raise TeacherFileError(f'{path!r} is not a teacher file written by msrd_jax.port'
-                           f' ({type(e).__name__}: {e})') from None
+    raise TeacherFileError(
+      f'{path!r} is not a teacher file written by msrd_jax.port ({type(e).__name__}: {e})'
+    ) from None
   if not isinstance(payload, dict) or payload.get('format') != TEACHER_FORMAT:
-    raise TeacherFileError(f'{path!r} is not a teacher file written by msrd_jax.port'
-                           f' (expected format {TEACHER_FORMAT!r})')
+    raise TeacherFileError(
+      f'{path!r} is not a teacher file written by msrd_jax.port'
+      f' (expected format {TEACHER_FORMAT!r})'
+    )
   if payload['arch'] != arch:
-    raise TeacherFileError(f'{path!r} holds a {payload["arch"]!r} teacher but the '
-                           f'config asks for {arch!r} (model.backbone)')
+    raise TeacherFileError(
+      f'{path!r} holds a {payload["arch"]!r} teacher but the '
+      f'config asks for {arch!r} (model.backbone)'
+    )
   variables = payload['variables']
-  expected = flax.traverse_util.flatten_dict(flax.core.unfreeze(teacher_shapes(arch)),
-                                             sep='/')
+  expected = flax.traverse_util.flatten_dict(flax.core.unfreeze(teacher_shapes(arch)), sep='/')
   found = flax.traverse_util.flatten_dict(variables, sep='/')
   problems = [f'missing {k}' for k in expected if k not in found]
   problems += [f'unexpected {k}' for k in found if k not in expected]
-  problems += [f'{k}: shape {found[k].shape}, expected {expected[k].shape}'
-               for k in expected if k in found and found[k].shape != expected[k].shape]
+  problems += [
+    f'{k}: shape {found[k].shape}, expected {expected[k].shape}'
+    for k in expected
+    if k in found and found[k].shape != expected[k].shape
+  ]
   if problems:
-    raise TeacherFileError(f'{path!r} does not match the {arch} teacher: '
-                           + '; '.join(problems[:10]))
+    raise TeacherFileError(
+      f'{path!r} does not match the {arch} teacher: ' + '; '.join(problems[:10])
+    )
   return variables
 
 
@@ -304,8 +355,9 @@ def _forward(variables, images, arch):
   return ResNet(arch).apply(variables, images)
 
 
-def extract_features(arch: str, weights: str | None,
-                     images: np.ndarray | jax.Array) -> list[jax.Array]:
+def extract_features(
+  arch: str, weights: str | None, images: np.ndarray | jax.Array
+) -> list[jax.Array]:
   """Teacher features of a batch of images.
 
   Args:
@@ -320,6 +372,5 @@ def extract_features(arch: str, weights: str | None,
   images = jnp.asarray(images, jnp.float32)
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f'images must be (B, H, W, 3) RGB, got shape {images.shape}')
-  variables = init_teacher(arch, warn=True) if weights is None else load_teacher(
-      arch, weights)
+  variables = init_teacher(arch, warn=True) if weights is None else load_teacher(arch, weights)
   return _forward(variables, images, arch)

@@ -16,7 +16,8 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
@@ -26,10 +27,9 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from msrd_jax import checkpoint
+from msrd_jax import checkpoint, losses
 from msrd_jax import config as config_lib
 from msrd_jax import data as data_lib
-from msrd_jax import losses
 from msrd_jax import teacher as teacher_lib
 from msrd_jax.model import MSRD
 
@@ -43,6 +43,7 @@ class TrainingDiverged(RuntimeError):
 @flax.struct.dataclass
 class TrainState:
   """Everything that changes during training; a pytree, saved whole in checkpoints."""
+
   step: jax.Array
   params: Any
   batch_stats: Any
@@ -63,25 +64,40 @@ def load_teacher_variables(config: ml_collections.ConfigDict) -> dict:
   return teacher_lib.init_teacher(arch, seed=config.seed, warn=True)
 
 
-def create_state(model: MSRD, tx: optax.GradientTransformation, teacher_vars: dict,
-                 config: ml_collections.ConfigDict) -> TrainState:
+def create_state(
+  model: MSRD,
+  tx: optax.GradientTransformation,
+  teacher_vars: dict,
+  config: ml_collections.ConfigDict,
+) -> TrainState:
   """A fresh state (step 0) on the host's default device."""
   rng, init_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   variables = model.init(init_rng, teacher_vars, config.data.image_size)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
-                    batch_stats=variables['batch_stats'],
-                    opt_state=tx.init(variables['params']), rng=rng)
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=variables['params'],
+    batch_stats=variables['batch_stats'],
+    opt_state=tx.init(variables['params']),
+    rng=rng,
+  )
 
 
-def state_template(model: MSRD, tx: optax.GradientTransformation, teacher_vars: dict,
-                   config: ml_collections.ConfigDict) -> TrainState:
+def state_template(
+  model: MSRD,
+  tx: optax.GradientTransformation,
+  teacher_vars: dict,
+  config: ml_collections.ConfigDict,
+) -> TrainState:
   """The shapes and dtypes of `create_state`'s result, computed without running it."""
   return jax.eval_shape(lambda: create_state(model, tx, teacher_vars, config))
 
 
-def make_train_step(model: MSRD, tx: optax.GradientTransformation,
-                    config: ml_collections.ConfigDict,
-                    axis_name: str | None = AXIS) -> Callable:
+def make_train_step(
+  model: MSRD,
+  tx: optax.GradientTransformation,
+  config: ml_collections.ConfigDict,
+  axis_name: str | None = AXIS,
+) -> Callable:
   """The pure step (state, teacher_vars, images) -> (state, metrics).
 
   Under pmap with `axis_name`, gradients and metrics are averaged across devices and
@@ -89,8 +105,7 @@ def make_train_step(model: MSRD, tx: optax.GradientTransformation,
   one device computes with B. images: (b, S, S, 3) float32 in [0, 1].
   """
   kind = config.train.loss
-  entropy_weight = (config.model.memory.entropy_weight
-                    if config.model.memory.mode != 'off' else 0.0)
+  entropy_weight = config.model.memory.entropy_weight if config.model.memory.mode != 'off' else 0.0
 
   def loss_fn(params, batch_stats, teacher_vars, images):
     e, d, aux, new_stats = model.apply_train(teacher_vars, params, batch_stats, images)
@@ -101,7 +116,8 @@ def make_train_step(model: MSRD, tx: optax.GradientTransformation,
   def step(state: TrainState, teacher_vars: dict, images: jax.Array):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (distill, entropy, new_stats)), grads = grad_fn(
-        state.params, state.batch_stats, teacher_vars, images)
+      state.params, state.batch_stats, teacher_vars, images
+    )
     metrics = {'loss': loss, 'distill_loss': distill, 'entropy': entropy}
     if axis_name is not None:
       grads = jax.lax.pmean(grads, axis_name)
@@ -110,10 +126,14 @@ def make_train_step(model: MSRD, tx: optax.GradientTransformation,
     params = optax.apply_updates(state.params, updates)
     metrics['grad_norm'] = optax.tree.norm(grads)
     # One flag for everything that must stay finite before a checkpoint may be written.
-    metrics['finite'] = (jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm'])
-                         & jnp.isfinite(optax.tree.norm(params)))
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
-                              opt_state=opt_state)
+    metrics['finite'] = (
+      jnp.isfinite(loss)
+      & jnp.isfinite(metrics['grad_norm'])
+      & jnp.isfinite(optax.tree.norm(params))
+    )
+    new_state = state.replace(
+      step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state
+    )
     return new_state, metrics
 
   return step
@@ -136,8 +156,7 @@ def _replicate(tree, devices):
   def put(x):
     x = np.broadcast_to(np.asarray(x), (n, *np.shape(x)))
     mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
-    return jax.device_put(x, jax.sharding.NamedSharding(mesh,
-                                                        jax.sharding.PartitionSpec(AXIS)))
+    return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS)))
 
   return jax.tree_util.tree_map(put, tree)
 
@@ -172,9 +191,12 @@ class _Log:
         f.write(json.dumps(record) + '\n')
 
 
-def train(config: ml_collections.ConfigDict, workdir: str,
-          on_step: Callable[[int], None] | None = None,
-          teacher_vars: dict | None = None) -> TrainState:
+def train(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  on_step: Callable[[int], None] | None = None,
+  teacher_vars: dict | None = None,
+) -> TrainState:
   """Trains (or resumes) the run in `workdir`; returns the final state on the host.
 
   Args:
@@ -193,10 +215,17 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   reader, root = config_lib.resolve_data(config)
   samples = data_lib.list_samples(reader, root, config.data.category, 'train')
   loader = data_lib.TrainLoader(
-      samples, config.data.image_size, config.train.batch_size, seed=config.seed,
-      num_local_devices=len(devices), process_index=jax.process_index(),
-      process_count=jax.process_count(), num_threads=config.data.num_threads,
-      prefetch=config.data.prefetch, cache_bytes=config.data.cache_bytes)
+    samples,
+    config.data.image_size,
+    config.train.batch_size,
+    seed=config.seed,
+    num_local_devices=len(devices),
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    num_threads=config.data.num_threads,
+    prefetch=config.data.prefetch,
+    cache_bytes=config.data.cache_bytes,
+  )
   num_steps = total_steps(config, loader.num_samples)
 
   if teacher_vars is None:
@@ -220,24 +249,36 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     ident = checkpoint.identity(config)
 
     def save(step_done: int, host: dict) -> None:
-      wd.save(step_done, host, {
-          'data_step': step_done, 'epoch': step_done / loader.steps_per_epoch,
-          'identity': ident, 'teacher_fingerprint': fingerprint,
-          'num_steps': num_steps, 'time': time.time()})
+      wd.save(
+        step_done,
+        host,
+        {
+          'data_step': step_done,
+          'epoch': step_done / loader.steps_per_epoch,
+          'identity': ident,
+          'teacher_fingerprint': fingerprint,
+          'num_steps': num_steps,
+          'time': time.time(),
+        },
+      )
 
     if start >= num_steps:
       print(f'{workdir}: already trained ({start} of {num_steps} steps)')
       return state
 
-    p_step = jax.pmap(make_train_step(model, tx, config), axis_name=AXIS,
-                      donate_argnums=(0,))
+    p_step = jax.pmap(make_train_step(model, tx, config), axis_name=AXIS, donate_argnums=(0,))
     state = _replicate(state, devices)
     teacher_r = _replicate(teacher_vars, devices)
-    log = _Log(os.path.join(wd.path, 'metrics.jsonl'), is_main,
-               config.train.batch_size, start)
+    log = _Log(os.path.join(wd.path, 'metrics.jsonl'), is_main, config.train.batch_size, start)
     every = config.train.checkpoint_every_steps
-    bar = tqdm(total=num_steps, initial=start, unit='step', dynamic_ncols=True,
-               disable=not is_main, desc=f'train {config.data.category}')
+    bar = tqdm(
+      total=num_steps,
+      initial=start,
+      unit='step',
+      dynamic_ncols=True,
+      disable=not is_main,
+      desc=f'train {config.data.category}',
+    )
     pending: tuple[int, Any] | None = None
     verified = start  # state after this many steps is known to be finite
 
@@ -246,9 +287,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       m = jax.device_get(_unreplicate(metrics))
       if not bool(m['finite']):
         raise TrainingDiverged(
-            f'loss {float(m["loss"])} / gradient norm {float(m["grad_norm"])} at step '
-            f'{step_done - 1} (0-based) is not finite; training stopped. The last good '
-            f'checkpoint (step {wd.latest_step()}) is kept in {wd.checkpoint_dir}.')
+          f'loss {float(m["loss"])} / gradient norm {float(m["grad_norm"])} at step '
+          f'{step_done - 1} (0-based) is not finite; training stopped. The last good '
+          f'checkpoint (step {wd.latest_step()}) is kept in {wd.checkpoint_dir}.'
+        )
       verified = step_done
       return {k: float(v) for k, v in m.items() if k != 'finite'}
 
@@ -257,8 +299,14 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         return
       rate = log.images_per_second(step_done)
       bar.set_postfix(loss=f'{m["loss"]:.4f}', img_s=f'{rate:.1f}')
-      log.write({'step': step_done, 'epoch': round(step_done / loader.steps_per_epoch, 3),
-                 **m, 'images_per_second': rate})
+      log.write(
+        {
+          'step': step_done,
+          'epoch': round(step_done / loader.steps_per_epoch, 3),
+          **m,
+          'images_per_second': rate,
+        }
+      )
 
     try:
       with loader.iterate(start) as batches:
@@ -286,8 +334,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     return jax.device_get(_unreplicate(state))
 
 
-def _save_interrupted(state, pending, check, verified: Callable[[], int], save,
-                      wd: checkpoint.Workdir) -> None:
+def _save_interrupted(
+  state, pending, check, verified: Callable[[], int], save, wd: checkpoint.Workdir
+) -> None:
   """On Ctrl-C (or SIGTERM, see cli): keeps the state reached, if it is known sound.
 
   The state is saved only when its own step counter is a step whose figures were
@@ -304,12 +353,15 @@ def _save_interrupted(state, pending, check, verified: Callable[[], int], save,
   except TrainingDiverged:
     raise
   except (RuntimeError, ValueError) as e:  # e.g. a donated, deleted buffer
-    print(f'\ninterrupted inside a step ({e}); the last checkpoint is step '
-          f'{wd.latest_step()}', file=sys.stderr)
+    print(
+      f'\ninterrupted inside a step ({e}); the last checkpoint is step {wd.latest_step()}',
+      file=sys.stderr,
+    )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       evaluate_after: bool | None = None) -> dict | None:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, evaluate_after: bool | None = None
+) -> dict | None:
   """Trains, then evaluates; returns the results, or None when not evaluating.
 
   evaluate_after: None follows config.eval.after_training. The teacher is loaded once
@@ -320,16 +372,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if not (config.eval.after_training if evaluate_after is None else evaluate_after):
     return None
   from msrd_jax import evaluate  # pylint: disable=g-import-not-at-top
+
   return evaluate.evaluate(config, workdir, teacher_vars=teacher_vars)
 
 
 def main(argv) -> None:
   from msrd_jax import cli  # pylint: disable=g-import-not-at-top
+
   cli.run(argv, train_and_evaluate, extra_errors=(TrainingDiverged,))
 
 
 if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
+
   from msrd_jax import cli  # pylint: disable=g-import-not-at-top
+
   cli.define_flags()
   app.run(main)

@@ -19,8 +19,11 @@ from msrd_jax import metrics
 from msrd_jax.data.folder import MVTEC_OBJECTS, MVTEC_TEXTURES
 from msrd_jax.data.images import resize_image
 
-DEFAULT_COLUMNS = (('image_auroc', 'Image AUROC'), ('pixel_auroc', 'Pixel AUROC'),
-                   ('au_pro', 'AU-PRO'))
+DEFAULT_COLUMNS = (
+  ('image_auroc', 'Image AUROC'),
+  ('pixel_auroc', 'Pixel AUROC'),
+  ('au_pro', 'AU-PRO'),
+)
 
 
 def _display_images(images, n: int, hw: tuple[int, int]) -> np.ndarray:
@@ -31,15 +34,16 @@ def _display_images(images, n: int, hw: tuple[int, int]) -> np.ndarray:
   if x.ndim == 3:
     x = np.repeat(x[..., None], 3, axis=-1)
   if x.ndim != 4 or x.shape[0] != n or x.shape[1:3] != hw or x.shape[-1] != 3:
-    raise ValueError(f'images must have shape ({n}, {hw[0]}, {hw[1]}[, 3 or 1]) to match '
-                     f'the maps; got {np.shape(images)}.')
+    raise ValueError(
+      f'images must have shape ({n}, {hw[0]}, {hw[1]}[, 3 or 1]) to match '
+      f'the maps; got {np.shape(images)}.'
+    )
   if x.dtype == np.uint8:
     return x.astype(np.float32) / 255.0
   return np.clip(x.astype(np.float32), 0.0, 1.0)
 
 
-def heatmap_overlay(image: np.ndarray, amap: np.ndarray, vmin: float,
-                    vmax: float) -> np.ndarray:
+def heatmap_overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
   """(H, W, 3) uint8: `amap` (H, W) in the jet colormap at alpha 0.5 over `image`.
 
   image: (h, w, 3) RGB, uint8 or float in [0, 1], resized to the map if needed;
@@ -59,9 +63,18 @@ def _sample(n: int, max_rows: int) -> np.ndarray:
   return np.unique(np.linspace(0, n - 1, max_rows).round().astype(int))
 
 
-def save_examples(path: str, images, masks, amaps, names: Sequence[str], scores=None,
-                  labels=None, max_rows: int = 8, vmin: float | None = None,
-                  vmax: float | None = None) -> None:
+def save_examples(
+  path: str,
+  images,
+  masks,
+  amaps,
+  names: Sequence[str],
+  scores=None,
+  labels=None,
+  max_rows: int = 8,
+  vmin: float | None = None,
+  vmax: float | None = None,
+) -> None:
   """A PNG grid of test images: the image, its ground truth, its anomaly-map overlay.
 
   images: (N, H, W, 3) or (N, H, W) RGB/grey, uint8 or float in [0, 1] (clipped);
@@ -90,8 +103,10 @@ def save_examples(path: str, images, masks, amaps, names: Sequence[str], scores=
   images = _display_images(images, n, (h, w))
   rows = _sample(n, max_rows)
   shown = amaps[rows]
-  norm = Normalize(vmin=float(shown.min()) if vmin is None else vmin,
-                   vmax=float(shown.max()) if vmax is None else vmax)
+  norm = Normalize(
+    vmin=float(shown.min()) if vmin is None else vmin,
+    vmax=float(shown.max()) if vmax is None else vmax,
+  )
 
   fig = Figure(figsize=(9.6, 3.0 * len(rows)), dpi=100, layout='constrained')
   FigureCanvasAgg(fig)
@@ -114,8 +129,9 @@ def save_examples(path: str, images, masks, amaps, names: Sequence[str], scores=
     ax_gt.set_title('ground truth', fontsize=8)
     ax_map.imshow(images[i])
     heat = ax_map.imshow(amaps[i], cmap='jet', norm=norm, alpha=0.5)
-    ax_map.set_title('anomaly map' if scores is None else f'score {float(scores[i]):.4g}',
-                     fontsize=8)
+    ax_map.set_title(
+      'anomaly map' if scores is None else f'score {float(scores[i]):.4g}', fontsize=8
+    )
     for ax in (ax_img, ax_gt, ax_map):
       ax.set_axis_off()
   fig.colorbar(heat, ax=axes[:, 2].tolist(), shrink=0.8, label='anomaly score')
@@ -127,17 +143,26 @@ def _thin(x: np.ndarray, y: np.ndarray, n: int = 2000) -> tuple[np.ndarray, np.n
   in x and in y, so that steep and flat parts both keep their shape."""
   if x.size <= 3 * n:
     return x, y
-  keep = np.concatenate((
+  keep = np.concatenate(
+    (
       np.linspace(0, x.size - 1, n).round().astype(np.int64),
       np.searchsorted(x, np.linspace(x[0], x[-1], n)).clip(0, x.size - 1),
       np.searchsorted(y, np.linspace(y[0], y[-1], n)).clip(0, x.size - 1),
-  ))
+    )
+  )
   keep = np.unique(keep)
   return x[keep], y[keep]
 
 
-def save_curves(path: str, scores, labels, amaps, masks, fpr_limit: float = 0.3,
-                values: Mapping[str, float] | None = None) -> None:
+def save_curves(
+  path: str,
+  scores,
+  labels,
+  amaps,
+  masks,
+  fpr_limit: float = 0.3,
+  values: Mapping[str, float] | None = None,
+) -> None:
   """A PNG with the image-level ROC, the pixel-level ROC and the PRO curve up to fpr_limit.
 
   scores: (N,) float; labels: (N,) {0, 1}; amaps: (N, H, W) float; masks: (N, H, W)
@@ -157,21 +182,30 @@ def save_curves(path: str, scores, labels, amaps, masks, fpr_limit: float = 0.3,
   FigureCanvasAgg(fig)
   ax_img, ax_pix, ax_pro = fig.subplots(1, 3)
   for ax, (x, y), value, title in (
-      (ax_img, metrics.roc_curve(scores, labels), values['image_auroc'],
-       'image-level ROC'),
-      (ax_pix, metrics.roc_curve(amaps, masks), values['pixel_auroc'],
-       'pixel-level ROC'),
+    (ax_img, metrics.roc_curve(scores, labels), values['image_auroc'], 'image-level ROC'),
+    (ax_pix, metrics.roc_curve(amaps, masks), values['pixel_auroc'], 'pixel-level ROC'),
   ):
     ax.plot(*_thin(x, y), lw=1.5, label=f'AUROC = {100 * value:.1f}%')
     ax.plot([0, 1], [0, 1], color='0.6', lw=0.8, ls='--')
-    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel='false-positive rate',
-           ylabel='true-positive rate', title=title)
+    ax.set(
+      xlim=(0, 1),
+      ylim=(0, 1.01),
+      xlabel='false-positive rate',
+      ylabel='true-positive rate',
+      title=title,
+    )
     ax.legend(loc='lower right')
   fpr, pro = metrics.pro_curve(amaps, masks, fpr_limit=fpr_limit)
-  ax_pro.plot(*_thin(fpr, pro), lw=1.5,
-              label=f'AU-PRO (FPR <= {fpr_limit:g}) = {100 * values["au_pro"]:.1f}%')
-  ax_pro.set(xlim=(0, fpr_limit), ylim=(0, 1.01), xlabel='false-positive rate',
-             ylabel='per-region overlap', title='PRO curve')
+  ax_pro.plot(
+    *_thin(fpr, pro), lw=1.5, label=f'AU-PRO (FPR <= {fpr_limit:g}) = {100 * values["au_pro"]:.1f}%'
+  )
+  ax_pro.set(
+    xlim=(0, fpr_limit),
+    ylim=(0, 1.01),
+    xlabel='false-positive rate',
+    ylabel='per-region overlap',
+    title='PRO curve',
+  )
   ax_pro.legend(loc='lower right')
   for ax in (ax_img, ax_pix, ax_pro):
     ax.grid(alpha=0.3)
@@ -188,10 +222,12 @@ def _mean(values: list[float | None]) -> float | None:
   return float(np.mean(present)) if present else None
 
 
-def results_table_markdown(results: Mapping[str, Mapping[str, float]],
-                           categories_order: Sequence[str] | None = None,
-                           groups: Mapping[str, Sequence[str]] | None = None,
-                           columns: Sequence[tuple[str, str]] = DEFAULT_COLUMNS) -> str:
+def results_table_markdown(
+  results: Mapping[str, Mapping[str, float]],
+  categories_order: Sequence[str] | None = None,
+  groups: Mapping[str, Sequence[str]] | None = None,
+  columns: Sequence[tuple[str, str]] = DEFAULT_COLUMNS,
+) -> str:
   """A Markdown table of per-category results, laid out as papers do.
 
   results: {category: {metric: fraction in [0, 1]}} (e.g. metrics.evaluate_all's dicts).
@@ -213,8 +249,10 @@ def results_table_markdown(results: Mapping[str, Mapping[str, float]],
     mvtec = MVTEC_TEXTURES + MVTEC_OBJECTS
     order = [c for c in mvtec if c in results] + sorted(c for c in results if c not in mvtec)
   if groups is None:
-    groups = {'Textures': [c for c in MVTEC_TEXTURES if c in results],
-              'Objects': [c for c in MVTEC_OBJECTS if c in results]}
+    groups = {
+      'Textures': [c for c in MVTEC_TEXTURES if c in results],
+      'Objects': [c for c in MVTEC_OBJECTS if c in results],
+    }
     if not all(groups.values()):
       groups = {}
   for name, members in groups.items():
@@ -228,8 +266,10 @@ def results_table_markdown(results: Mapping[str, Mapping[str, float]],
   def means(members: Sequence[str]) -> list[float | None]:
     return [_mean([values(c)[j] for c in members]) for j in range(len(columns))]
 
-  lines = ['| ' + ' | '.join(['Category'] + [header for _, header in columns]) + ' |',
-           '|:---|' + '---:|' * len(columns)]
+  lines = [
+    '| ' + ' | '.join(['Category'] + [header for _, header in columns]) + ' |',
+    '|:---|' + '---:|' * len(columns),
+  ]
   lines += [_row(c, values(c)) for c in order]
   lines += [_row(f'Mean ({name})', means(members)) for name, members in groups.items()]
   lines.append(_row('Mean', means(order)))

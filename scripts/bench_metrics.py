@@ -35,8 +35,9 @@ def make_category(rng, n=100, size=256):
   masks = np.zeros((n, size, size), bool)
   yy, xx = np.mgrid[:size, :size]
   for i in range(n):
-    amaps[i] = ndimage.gaussian_filter(rng.random((size // 4, size // 4)), 2).repeat(
-        4, 0).repeat(4, 1)
+    amaps[i] = (
+      ndimage.gaussian_filter(rng.random((size // 4, size // 4)), 2).repeat(4, 0).repeat(4, 1)
+    )
     if i % 2:
       for _ in range(rng.integers(1, 4)):
         cy, cx = rng.integers(size // 8, size - size // 8, 2)
@@ -73,6 +74,7 @@ def naive_au_pro(amaps, masks, limit=0.3):
 def rd4ad_loop(amaps, masks, num_th=200):
   """hq-deng/RD4AD test.py: compute_pro per defective image (skimage regionprops loop)."""
   from skimage import measure
+
   values = []
   for a, m in zip(amaps.astype(np.float64), masks.astype(int)):
     if not m.any():
@@ -116,15 +118,20 @@ def main():
 
   amaps, masks = make_category(np.random.default_rng(0))
   scores, labels = amaps.max(axis=(1, 2)), masks.any(axis=(1, 2))
-  print(f'category: {amaps.shape} {amaps.dtype}, defect pixels {masks.mean():.2%}, '
-        f'{int(labels.sum())} defective images')
+  print(
+    f'category: {amaps.shape} {amaps.dtype}, defect pixels {masks.mean():.2%}, '
+    f'{int(labels.sum())} defective images'
+  )
   rows = [
-      ('au_pro', lambda: metrics.au_pro(amaps, masks), args.repeats),
-      ('pixel_auroc', lambda: metrics.pixel_auroc(amaps, masks), args.repeats),
-      ('au_pro_rd4ad (vectorized)', lambda: metrics.au_pro_rd4ad(amaps, masks), args.repeats),
-      ('evaluate_all (8 metrics)', lambda: metrics.evaluate_all(scores, labels, amaps, masks)
-       ['au_pro'], args.repeats),
-      ('naive exact AU-PRO (full argsort)', lambda: naive_au_pro(amaps, masks), 3),
+    ('au_pro', lambda: metrics.au_pro(amaps, masks), args.repeats),
+    ('pixel_auroc', lambda: metrics.pixel_auroc(amaps, masks), args.repeats),
+    ('au_pro_rd4ad (vectorized)', lambda: metrics.au_pro_rd4ad(amaps, masks), args.repeats),
+    (
+      'evaluate_all (8 metrics)',
+      lambda: metrics.evaluate_all(scores, labels, amaps, masks)['au_pro'],
+      args.repeats,
+    ),
+    ('naive exact AU-PRO (full argsort)', lambda: naive_au_pro(amaps, masks), 3),
   ]
   if not args.skip_rd4ad_loop:
     rows.append(("RD4AD's per-image 200-threshold loop", lambda: rd4ad_loop(amaps, masks), 1))
@@ -142,10 +149,12 @@ def main():
     seconds = time.perf_counter() - t
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    print(f'au_pro on {big_maps.shape} float32 ({big_maps.nbytes / 2**20:.0f} MiB maps, '
-          f'{inputs / 2**20:.0f} MiB inputs, {big_masks.mean():.2%} defect pixels): '
-          f'{seconds:.2f} s, peak extra memory {peak / 2**20:.0f} MiB = '
-          f'{peak / big_maps.nbytes:.2f} x the maps (value {value:.6f})')
+    print(
+      f'au_pro on {big_maps.shape} float32 ({big_maps.nbytes / 2**20:.0f} MiB maps, '
+      f'{inputs / 2**20:.0f} MiB inputs, {big_masks.mean():.2%} defect pixels): '
+      f'{seconds:.2f} s, peak extra memory {peak / 2**20:.0f} MiB = '
+      f'{peak / big_maps.nbytes:.2f} x the maps (value {value:.6f})'
+    )
     big_scores, big_labels = big_maps.max(axis=(1, 2)), big_masks.any(axis=(1, 2))
     tracemalloc.start()
     t = time.perf_counter()
@@ -153,8 +162,10 @@ def main():
     seconds = time.perf_counter() - t
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    print(f'evaluate_all on the same: {seconds:.2f} s, peak extra memory '
-          f'{peak / 2**20:.0f} MiB = {peak / big_maps.nbytes:.2f} x the maps')
+    print(
+      f'evaluate_all on the same: {seconds:.2f} s, peak extra memory '
+      f'{peak / 2**20:.0f} MiB = {peak / big_maps.nbytes:.2f} x the maps'
+    )
 
 
 if __name__ == '__main__':

@@ -32,7 +32,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, 'tests'))
 sys.path.insert(0, ROOT)
 
-import teacher_fixture_recipe as recipe  # pylint: disable=g-import-not-at-top
+import teacher_fixture_recipe as recipe  # noqa: E402  (needs the path above)
 
 ARCHS = ('resnet18', 'resnet34', 'resnet50', 'wide_resnet50_2', 'wide_resnet101_2')
 
@@ -40,6 +40,7 @@ ARCHS = ('resnet18', 'resnet34', 'resnet50', 'wide_resnet50_2', 'wide_resnet101_
 def _torch():
   import torch  # pylint: disable=g-import-not-at-top
   import torchvision  # pylint: disable=g-import-not-at-top
+
   torch.set_grad_enabled(False)
   return torch, torchvision
 
@@ -74,21 +75,20 @@ def manifests(out_dir: str) -> None:
     keys = {k: list(v.shape) for k, v in model.state_dict().items()}
     path = os.path.join(out_dir, f'{arch}.json')
     with open(path, 'w') as f:
-      json.dump({'torchvision': torchvision.__version__, 'arch': arch, 'keys': keys}, f,
-                indent=0)
+      json.dump({'torchvision': torchvision.__version__, 'arch': arch, 'keys': keys}, f, indent=0)
     print(f'{path}: {len(keys)} keys')
 
 
 def fixtures(path: str) -> None:
   torch, torchvision = _torch()
   from torchvision.models import resnet as tvr  # pylint: disable=g-import-not-at-top
+
   arrays = {'torchvision_version': np.array(torchvision.__version__)}
   for name, cfg in recipe.FIXTURE_CONFIGS.items():
     block = tvr.BasicBlock if cfg['block'] == 'basic' else tvr.Bottleneck
     model = tvr.ResNet(block, list(cfg['layers']), width_per_group=cfg['width_per_group'])
     _, state = _randomize(model, recipe.WEIGHT_SEED)
-    arrays[f'{name}/manifest'] = np.array(json.dumps(
-        {k: list(v.shape) for k, v in state.items()}))
+    arrays[f'{name}/manifest'] = np.array(json.dumps({k: list(v.shape) for k, v in state.items()}))
     for b, h, w in recipe.FIXTURE_INPUTS:
       images = recipe.random_images(b, h, w, recipe.IMAGE_SEED)
       for level, feat in enumerate(_features(model, images), start=1):
@@ -100,14 +100,14 @@ def fixtures(path: str) -> None:
 def parity() -> None:
   torch, torchvision = _torch()
   from msrd_jax import port, teacher  # pylint: disable=g-import-not-at-top
+
   print(f'torch {torch.__version__}, torchvision {torchvision.__version__}')
   print('| arch | input | e1 | e2 | e3 |  (max|jax - torch| / max|torch|)')
   print('|---|---|---|---|---|')
   worst = 0.0
   with tempfile.TemporaryDirectory() as tmp:
     for arch in ARCHS:
-      model, state = _randomize(getattr(torchvision.models, arch)(weights=None),
-                                recipe.WEIGHT_SEED)
+      model, state = _randomize(getattr(torchvision.models, arch)(weights=None), recipe.WEIGHT_SEED)
       pth = os.path.join(tmp, f'{arch}.pth')
       torch.save(model.state_dict(), pth)
       out = os.path.join(tmp, f'{arch}.msgpack')
@@ -117,11 +117,11 @@ def parity() -> None:
         images = recipe.random_images(2, size, size, recipe.IMAGE_SEED)
         ref = _features(model, images)
         got = teacher._forward(variables, images, arch)  # pylint: disable=protected-access
-        errs = [float(np.abs(np.asarray(g) - r).max() / np.abs(r).max())
-                for g, r in zip(got, ref)]
+        errs = [float(np.abs(np.asarray(g) - r).max() / np.abs(r).max()) for g, r in zip(got, ref)]
         worst = max(worst, *errs)
-        print(f'| {arch} | {size}x{size} | ' + ' | '.join(f'{e:.2e}' for e in errs) + ' |',
-              flush=True)
+        print(
+          f'| {arch} | {size}x{size} | ' + ' | '.join(f'{e:.2e}' for e in errs) + ' |', flush=True
+        )
   print(f'worst: {worst:.2e}')
 
 
@@ -129,9 +129,12 @@ def speed(size: int = 256, batch: int = 8, iters: int = 3, repeats: int = 3) -> 
   """torchvision's layer1..3 forward on this machine, as msrd_jax.benchmark measures."""
   import statistics  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
+
   torch, torchvision = _torch()
-  print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, '
-        f'device {"cuda" if torch.cuda.is_available() else "cpu"} (CPU used)')
+  print(
+    f'torch {torch.__version__}, {torch.get_num_threads()} threads, '
+    f'device {"cuda" if torch.cuda.is_available() else "cpu"} (CPU used)'
+  )
   images = recipe.random_images(batch, size, size, recipe.IMAGE_SEED)
   for arch in ARCHS:
     model = getattr(torchvision.models, arch)(weights=None).eval()
@@ -142,13 +145,17 @@ def speed(size: int = 256, batch: int = 8, iters: int = 3, repeats: int = 3) -> 
       for _ in range(iters):
         _features(model, images)
       times.append((time.perf_counter() - start) / iters)
-    print(f'torchvision {arch:>16} {size}x{size} batch {batch}: '
-          f'{batch / statistics.median(times):8.1f} images/s', flush=True)
+    print(
+      f'torchvision {arch:>16} {size}x{size} batch {batch}: '
+      f'{batch / statistics.median(times):8.1f} images/s',
+      flush=True,
+    )
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument('what', choices=('manifests', 'fixtures', 'parity', 'speed'))
   args = parser.parse_args()
   if args.what == 'manifests':

@@ -22,8 +22,9 @@ def compilation_cache(tmp_path_factory):
 @pytest.fixture(scope='session')
 def synthetic_root(tmp_path_factory) -> str:
   """Two categories of the synthetic benchmark, generated once per session."""
-  return ensure_synthetic(tmp_path_factory.mktemp('synthetic') / 'bench',
-                          categories=TRAIN_CATEGORIES)
+  return ensure_synthetic(
+    tmp_path_factory.mktemp('synthetic') / 'bench', categories=TRAIN_CATEGORIES
+  )
 
 
 def tiny_config(root: str, category: str = 'brick', steps: int = 6):

@@ -26,12 +26,19 @@ def write_png_16bit_rgb(path, array: np.ndarray) -> str:
   raw = b''.join(b'\x00' + array[y].astype('>u2').tobytes() for y in range(h))
 
   def chunk(kind, data):
-    return (struct.pack('>I', len(data)) + kind + data +
-            struct.pack('>I', zlib.crc32(kind + data) & 0xffffffff))
+    return (
+      struct.pack('>I', len(data))
+      + kind
+      + data
+      + struct.pack('>I', zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
 
-  png = (b'\x89PNG\r\n\x1a\n' +
-         chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 16, 2, 0, 0, 0)) +
-         chunk(b'IDAT', zlib.compress(raw)) + chunk(b'IEND', b''))
+  png = (
+    b'\x89PNG\r\n\x1a\n'
+    + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 16, 2, 0, 0, 0))
+    + chunk(b'IDAT', zlib.compress(raw))
+    + chunk(b'IEND', b'')
+  )
   with open(path, 'wb') as f:
     f.write(png)
   return path
@@ -44,32 +51,41 @@ def index_image(index: int, size=(12, 10)) -> np.ndarray:
   return np.full((h, w, 3), index, np.uint8)
 
 
-def make_mvtec_tree(root, category: str = 'widget', n_train: int = 6,
-                    n_test_good: int = 2, defects=(('crack', 2), ('hole', 1)),
-                    size=(12, 10), ext: str = '.png') -> str:
+def make_mvtec_tree(
+  root,
+  category: str = 'widget',
+  n_train: int = 6,
+  n_test_good: int = 2,
+  defects=(('crack', 2), ('hole', 1)),
+  size=(12, 10),
+  ext: str = '.png',
+) -> str:
   """Writes `<root>/<category>` in the MVTec AD layout; returns the category
   folder. Train image i has value i, test images 100 + i, masks mark a box."""
   base = os.path.join(os.fspath(root), category)
   w, h = size
   for i in range(n_train):
-    write_image(os.path.join(base, 'train', 'good', f'{i:03d}{ext}'),
-                index_image(i, size))
+    write_image(os.path.join(base, 'train', 'good', f'{i:03d}{ext}'), index_image(i, size))
   for i in range(n_test_good):
-    write_image(os.path.join(base, 'test', 'good', f'{i:03d}{ext}'),
-                index_image(100 + i, size))
+    write_image(os.path.join(base, 'test', 'good', f'{i:03d}{ext}'), index_image(100 + i, size))
   for defect, count in defects:
     for i in range(count):
-      write_image(os.path.join(base, 'test', defect, f'{i:03d}{ext}'),
-                  index_image(200 + i, size))
+      write_image(os.path.join(base, 'test', defect, f'{i:03d}{ext}'), index_image(200 + i, size))
       mask = np.zeros((h, w), np.uint8)
-      mask[h // 4:h // 2, w // 4:w // 2] = 255
-      write_image(os.path.join(base, 'ground_truth', defect,
-                               f'{i:03d}_mask.png'), mask)
+      mask[h // 4 : h // 2, w // 4 : w // 2] = 255
+      write_image(os.path.join(base, 'ground_truth', defect, f'{i:03d}_mask.png'), mask)
   return base
 
 
-def make_visa_tree(root, objects=('candle', 'pcb1'), n_train=3, n_test_good=2,
-                   n_anomaly=2, size=(12, 10), mask_value: int = 1) -> str:
+def make_visa_tree(
+  root,
+  objects=('candle', 'pcb1'),
+  n_train=3,
+  n_test_good=2,
+  n_anomaly=2,
+  size=(12, 10),
+  mask_value: int = 1,
+) -> str:
   """Writes a tiny VisA tree with split_csv/1cls.csv; masks hold
   `mask_value` on defects (VisA stores small values, not 255)."""
   root = os.fspath(root)
@@ -84,10 +100,9 @@ def make_visa_tree(root, objects=('candle', 'pcb1'), n_train=3, n_test_good=2,
     for i in range(n_anomaly):
       rel = f'{obj}/Data/Images/Anomaly/{i:03d}.JPG'
       mrel = f'{obj}/Data/Masks/Anomaly/{i:03d}.png'
-      write_image(os.path.join(root, rel), index_image(200 + i, size),
-                  quality=95)
+      write_image(os.path.join(root, rel), index_image(200 + i, size), quality=95)
       mask = np.zeros((h, w), np.uint8)
-      mask[:h // 2, :w // 2] = mask_value
+      mask[: h // 2, : w // 2] = mask_value
       write_image(os.path.join(root, mrel), mask)
       rows.append(f'{obj},test,anomaly,{rel},{mrel}')
   os.makedirs(os.path.join(root, 'split_csv'), exist_ok=True)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def bilinear_resize(x: np.ndarray, out_hw: tuple[int, int], axes=(0, 1),
-                    align_corners: bool = False) -> np.ndarray:
+def bilinear_resize(
+  x: np.ndarray, out_hw: tuple[int, int], axes=(0, 1), align_corners: bool = False
+) -> np.ndarray:
   """PyTorch's F.interpolate(mode='bilinear') upsampling, one spatial axis at a time.
 
   align_corners=False: half-pixel centres (source (i + 0.5) n / out - 0.5, clamped at 0);

@@ -14,9 +14,9 @@ import numpy as np
 # Reduced-depth torchvision configurations: ResNet(block, layers, width_per_group).
 # Each exercises a block type; the non-first blocks and the wide Bottleneck are covered.
 FIXTURE_CONFIGS = {
-    'basic': {'block': 'basic', 'layers': (2, 1, 1, 1), 'width_per_group': 64},
-    'bottleneck': {'block': 'bottleneck', 'layers': (1, 2, 1, 1), 'width_per_group': 64},
-    'wide': {'block': 'bottleneck', 'layers': (1, 1, 1, 1), 'width_per_group': 128},
+  'basic': {'block': 'basic', 'layers': (2, 1, 1, 1), 'width_per_group': 64},
+  'bottleneck': {'block': 'bottleneck', 'layers': (1, 2, 1, 1), 'width_per_group': 64},
+  'wide': {'block': 'bottleneck', 'layers': (1, 1, 1, 1), 'width_per_group': 128},
 }
 # (batch, height, width): an even size and an odd one (odd sizes exercise the padding).
 FIXTURE_INPUTS = ((2, 64, 64), (1, 50, 50))

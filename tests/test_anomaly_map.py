@@ -5,11 +5,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference
 import pytest
 from scipy import ndimage
 
 from msrd_jax import anomaly_map as am
-import numpy_reference
 
 
 def np_cosine_distance(e, d, eps=1e-8):
@@ -49,8 +49,8 @@ def test_gaussian_blur_other_sigma_and_disabled():
   maps = rng.random((1, 40, 40)).astype(np.float32)
   got = np.asarray(am.gaussian_blur(jnp.asarray(maps), sigma=1.5, truncate=3.0))
   np.testing.assert_allclose(
-      got[0], ndimage.gaussian_filter(maps[0].astype(np.float64), 1.5, truncate=3.0),
-      atol=1e-5)
+    got[0], ndimage.gaussian_filter(maps[0].astype(np.float64), 1.5, truncate=3.0), atol=1e-5
+  )
   np.testing.assert_array_equal(np.asarray(am.gaussian_blur(jnp.asarray(maps), sigma=0)), maps)
 
 
@@ -70,16 +70,22 @@ def test_anomaly_map_end_to_end(mode, align_corners):
   rng = np.random.default_rng(3)
   teacher, student = make_feats(rng)
   size = 64
-  maps, scores = am.anomaly_map([jnp.asarray(t) for t in teacher],
-                                [jnp.asarray(s) for s in student], out_size=size,
-                                mode=mode, sigma=4.0, align_corners=align_corners)
+  maps, scores = am.anomaly_map(
+    [jnp.asarray(t) for t in teacher],
+    [jnp.asarray(s) for s in student],
+    out_size=size,
+    mode=mode,
+    sigma=4.0,
+    align_corners=align_corners,
+  )
   assert maps.shape == (2, size, size) and maps.dtype == jnp.float32
   assert scores.shape == (2,)
   for b in range(2):
     total = np.zeros((size, size)) if mode == 'add' else np.ones((size, size))
     for t, s in zip(teacher, student):
-      a = numpy_reference.bilinear_resize(np_cosine_distance(t[b], s[b]), (size, size),
-                                          align_corners=align_corners)
+      a = numpy_reference.bilinear_resize(
+        np_cosine_distance(t[b], s[b]), (size, size), align_corners=align_corners
+      )
       total = total + a if mode == 'add' else total * a
     expected = ndimage.gaussian_filter(total, sigma=4)
     np.testing.assert_allclose(np.asarray(maps[b]), expected, atol=1e-5)

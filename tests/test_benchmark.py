@@ -22,9 +22,12 @@ def test_parameter_counts(arch):
   with open(os.path.join(MANIFESTS, f'{arch}.json')) as f:
     keys = json.load(f)['keys']
   # torchvision's trainable tensors up to layer3 (no running statistics, layer4, fc).
-  expected = sum(math.prod(shape) for key, shape in keys.items()
-                 if not key.startswith(('layer4.', 'fc.'))
-                 and not key.endswith(('running_mean', 'running_var', 'num_batches_tracked')))
+  expected = sum(
+    math.prod(shape)
+    for key, shape in keys.items()
+    if not key.startswith(('layer4.', 'fc.'))
+    and not key.endswith(('running_mean', 'running_var', 'num_batches_tracked'))
+  )
   assert counts['teacher (frozen)'] == expected
   parts = ('fusion', 'oce', 'memory', 'decoder')
   assert counts['student total (trained)'] == sum(counts[p] for p in parts)

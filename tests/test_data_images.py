@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
 import pytest
 import tifffile
-
 from data_fixtures import write_image, write_png_16bit_rgb
-from msrd_jax.data import (DataError, load_image, load_mask, resize_image,
-                           resize_mask)
+from PIL import Image
+
+from msrd_jax.data import DataError, load_image, load_mask, resize_image, resize_mask
 
 
 def _rng_u8(shape, seed=0):
@@ -88,21 +87,20 @@ def test_16bit_tiff_exact(tmp_path):
   gray = np.array([[0, 32768, 65535]], np.uint16)
   tifffile.imwrite(tmp_path / 'g.TIFF', gray)
   np.testing.assert_array_equal(
-      load_image(tmp_path / 'g.TIFF')[..., 2],
-      gray.astype(np.float32) / np.float32(65535))
+    load_image(tmp_path / 'g.TIFF')[..., 2], gray.astype(np.float32) / np.float32(65535)
+  )
 
 
 def test_planar_and_8bit_and_float_tiff(tmp_path):
   planar = np.arange(2 * 3 * 3, dtype=np.uint16).reshape(3, 2, 3) * 1000
-  tifffile.imwrite(tmp_path / 'p.tif', planar, planarconfig='separate',
-                   photometric='rgb')
+  tifffile.imwrite(tmp_path / 'p.tif', planar, planarconfig='separate', photometric='rgb')
   np.testing.assert_array_equal(
-      load_image(tmp_path / 'p.tif'),
-      np.moveaxis(planar, 0, -1).astype(np.float32) / np.float32(65535))
+    load_image(tmp_path / 'p.tif'),
+    np.moveaxis(planar, 0, -1).astype(np.float32) / np.float32(65535),
+  )
   u8 = _rng_u8((4, 5, 3))
   tifffile.imwrite(tmp_path / 'u8.tif', u8)
-  np.testing.assert_array_equal(load_image(tmp_path / 'u8.tif'),
-                                u8 / np.float32(255))
+  np.testing.assert_array_equal(load_image(tmp_path / 'u8.tif'), u8 / np.float32(255))
   f = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)
   tifffile.imwrite(tmp_path / 'f.tif', f)
   np.testing.assert_array_equal(load_image(tmp_path / 'f.tif')[..., 0], f)
@@ -112,8 +110,7 @@ def test_planar_and_8bit_and_float_tiff(tmp_path):
 
 
 def test_16bit_colour_png_refused(tmp_path):
-  path = write_png_16bit_rgb(tmp_path / 'rgb16.png',
-                             np.full((3, 4, 3), 40000, np.uint16))
+  path = write_png_16bit_rgb(tmp_path / 'rgb16.png', np.full((3, 4, 3), 40000, np.uint16))
   with pytest.raises(DataError, match='rgb16.png is a 16-bit RGB PNG'):
     load_image(path)
 
@@ -137,12 +134,12 @@ def test_truncated_names_file(tmp_path):
   a = _rng_u8((64, 64, 3))
   full = write_image(tmp_path / 'full.png', a)
   data = open(full, 'rb').read()
-  (tmp_path / 'cut.png').write_bytes(data[:len(data) // 2])
+  (tmp_path / 'cut.png').write_bytes(data[: len(data) // 2])
   with pytest.raises(DataError, match='cut.png.*truncated'):
     load_image(tmp_path / 'cut.png')
   jpg = write_image(tmp_path / 'full.jpg', a)
   data = open(jpg, 'rb').read()
-  (tmp_path / 'cut.jpg').write_bytes(data[:len(data) // 2])
+  (tmp_path / 'cut.jpg').write_bytes(data[: len(data) // 2])
   with pytest.raises(DataError, match='cut.jpg'):
     load_image(tmp_path / 'cut.jpg')
 
@@ -168,12 +165,11 @@ def test_mask_binarization_rules(tmp_path):
     np.testing.assert_array_equal(got, truth, err_msg=name)
   # A 16-bit mask, an RGB mask (any channel), a float TIFF (> 0.5).
   np.testing.assert_array_equal(
-      load_mask(write_image(tmp_path / 'm16.png',
-                            truth.astype(np.uint16) * 65535)), truth)
+    load_mask(write_image(tmp_path / 'm16.png', truth.astype(np.uint16) * 65535)), truth
+  )
   rgb = np.zeros((6, 8, 3), np.uint8)
   rgb[truth, 0] = 255
-  np.testing.assert_array_equal(load_mask(write_image(tmp_path / 'rgb.png',
-                                                      rgb)), truth)
+  np.testing.assert_array_equal(load_mask(write_image(tmp_path / 'rgb.png', rgb)), truth)
   soft = truth * np.float32(0.9) + np.float32(0.3) * ~truth
   tifffile.imwrite(tmp_path / 'soft.tif', soft.astype(np.float32))
   np.testing.assert_array_equal(load_mask(tmp_path / 'soft.tif'), truth)
@@ -182,8 +178,7 @@ def test_mask_binarization_rules(tmp_path):
 def test_jpeg_mask_thresholded_at_half(tmp_path):
   truth = np.zeros((32, 32), bool)
   truth[8:24, 8:24] = True
-  path = write_image(tmp_path / 'm.jpg', truth.astype(np.uint8) * 255,
-                     quality=70)
+  path = write_image(tmp_path / 'm.jpg', truth.astype(np.uint8) * 255, quality=70)
   raw = np.asarray(Image.open(path))
   assert ((raw > 0) & ~truth).any()  # compression noise outside the mask
   np.testing.assert_array_equal(load_mask(path), truth)
@@ -192,8 +187,7 @@ def test_jpeg_mask_thresholded_at_half(tmp_path):
 def test_resize_matches_pil_uint8_within_one_level():
   a = _rng_u8((97, 131, 3), seed=1)
   for size in (40, 256):
-    ref = np.asarray(Image.fromarray(a).resize((size, size),
-                                               Image.Resampling.BILINEAR))
+    ref = np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.BILINEAR))
     got = resize_image(a / np.float32(255), size)
     assert got.shape == (size, size, 3) and got.dtype == np.float32
     assert np.abs(got * 255 - ref).max() <= 1.0
@@ -227,8 +221,10 @@ def test_resize_mask_nearest():
   m[2:5, 3:9] = True
   got = resize_mask(m, 20)
   assert got.dtype == np.bool_ and got.shape == (20, 20)
-  ref = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize(
-      (20, 20), Image.Resampling.NEAREST)) > 0
+  ref = (
+    np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((20, 20), Image.Resampling.NEAREST))
+    > 0
+  )
   np.testing.assert_array_equal(got, ref)
   np.testing.assert_array_equal(resize_mask(m, 10), m)
   assert resize_mask(m, 5).sum() > 0

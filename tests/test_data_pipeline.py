@@ -9,10 +9,9 @@ import time
 
 import numpy as np
 import pytest
-
 from data_fixtures import make_mvtec_tree, write_image
-from msrd_jax.data import (DataError, EvalLoader, TrainLoader, list_mvtec,
-                           resize_mask, shard_batch)
+
+from msrd_jax.data import DataError, EvalLoader, TrainLoader, list_mvtec, resize_mask, shard_batch
 
 N = 10
 
@@ -32,8 +31,7 @@ def _rows(batch):
 
 
 def _expected_stream(seed, n, length):
-  perms = (np.random.default_rng([seed, e]).permutation(n)
-           for e in itertools.count())
+  perms = (np.random.default_rng([seed, e]).permutation(n) for e in itertools.count())
   return list(itertools.islice(itertools.chain.from_iterable(perms), length))
 
 
@@ -54,8 +52,9 @@ def _wait_no_threads(timeout=5.0):
 
 
 def test_stream_order_and_shapes(train_samples):
-  loader = TrainLoader(train_samples, image_size=8, global_batch_size=4,
-                       seed=3, num_threads=2, prefetch=2)
+  loader = TrainLoader(
+    train_samples, image_size=8, global_batch_size=4, seed=3, num_threads=2, prefetch=2
+  )
   assert loader.num_samples == N and loader.steps_per_epoch == 3  # ceil(10/4)
   batches = _take(loader, 7)
   for k, b in enumerate(batches):
@@ -85,29 +84,36 @@ def test_resume_is_exact(train_samples):
 
 
 @pytest.mark.parametrize('process_count,devices', [(2, 1), (2, 2), (4, 1)])
-def test_process_slices_make_the_global_batch(train_samples, process_count,
-                                              devices):
+def test_process_slices_make_the_global_batch(train_samples, process_count, devices):
   b = 8
   whole = _take(TrainLoader(train_samples, 8, b, seed=5, num_threads=2), 4)
   parts = [
-      _take(TrainLoader(train_samples, 8, b, seed=5, num_local_devices=devices,
-                        process_index=p, process_count=process_count,
-                        num_threads=2), 4)
-      for p in range(process_count)
+    _take(
+      TrainLoader(
+        train_samples,
+        8,
+        b,
+        seed=5,
+        num_local_devices=devices,
+        process_index=p,
+        process_count=process_count,
+        num_threads=2,
+      ),
+      4,
+    )
+    for p in range(process_count)
   ]
   for k in range(4):
     local = [parts[p][k]['image'] for p in range(process_count)]
     assert all(x.shape[0] == b // process_count for x in local)
     np.testing.assert_array_equal(np.concatenate(local), whole[k]['image'])
     for x in local:
-      assert shard_batch(x, devices).shape == (devices, b // process_count //
-                                               devices, 8, 8, 3)
+      assert shard_batch(x, devices).shape == (devices, b // process_count // devices, 8, 8, 3)
 
 
 def test_batch_divisibility_error(train_samples):
   with pytest.raises(DataError, match='global batch size 6 .* 2 \\* 2 = 4'):
-    TrainLoader(train_samples, 8, 6, seed=0, num_local_devices=2,
-                process_count=2)
+    TrainLoader(train_samples, 8, 6, seed=0, num_local_devices=2, process_count=2)
   with pytest.raises(DataError, match='process_index 2'):
     TrainLoader(train_samples, 8, 4, seed=0, process_index=2, process_count=2)
   with pytest.raises(DataError, match='no training samples'):
@@ -116,11 +122,9 @@ def test_batch_divisibility_error(train_samples):
 
 def test_cache_serves_images_after_files_vanish(tmp_path, train_samples):
   cached = TrainLoader(train_samples, 8, 5, seed=0, num_threads=2)
-  uncached = TrainLoader(train_samples, 8, 5, seed=0, num_threads=2,
-                         cache_bytes=0)
+  uncached = TrainLoader(train_samples, 8, 5, seed=0, num_threads=2, cache_bytes=0)
   first = _take(cached, 2)  # one epoch: everything decoded once
-  np.testing.assert_array_equal(first[1]['image'],
-                                _take(uncached, 2)[1]['image'])
+  np.testing.assert_array_equal(first[1]['image'], _take(uncached, 2)[1]['image'])
   for s in train_samples:
     os.remove(s.image_path)
   again = _take(cached, 4)
@@ -133,8 +137,9 @@ def test_cache_serves_images_after_files_vanish(tmp_path, train_samples):
 def test_partial_cache_is_exact(train_samples):
   one_image = 8 * 8 * 3 * 4
   full = _take(TrainLoader(train_samples, 8, 4, seed=2, num_threads=3), 6)
-  part = _take(TrainLoader(train_samples, 8, 4, seed=2, num_threads=3,
-                           cache_bytes=3 * one_image), 6)
+  part = _take(
+    TrainLoader(train_samples, 8, 4, seed=2, num_threads=3, cache_bytes=3 * one_image), 6
+  )
   for a, b in zip(full, part):
     np.testing.assert_array_equal(a['image'], b['image'])
 
@@ -189,15 +194,15 @@ def test_shard_batch():
 
 
 def _eval_tree(tmp_path):
-  make_mvtec_tree(tmp_path, 'w', n_train=1, n_test_good=3,
-                  defects=(('crack', 2), ('hole', 2)), size=(12, 10))
+  make_mvtec_tree(
+    tmp_path, 'w', n_train=1, n_test_good=3, defects=(('crack', 2), ('hole', 2)), size=(12, 10)
+  )
   return list_mvtec(tmp_path, 'w', 'test')
 
 
 def test_eval_loader_order_padding_masks(tmp_path):
   samples = _eval_tree(tmp_path)  # 7 samples: crack x2, good x3, hole x2
-  loader = EvalLoader(samples, image_size=8, batch_size=3, resolution=20,
-                      num_threads=2)
+  loader = EvalLoader(samples, image_size=8, batch_size=3, resolution=20, num_threads=2)
   assert len(loader) == 3 and loader.num_samples == 7
   batches = list(loader)
   assert len(batches) == 3

@@ -8,8 +8,8 @@ import json
 import os
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 from scipy import ndimage
 
 from msrd_jax.data import DataError, list_mvtec, load_image, load_mask
@@ -39,8 +39,9 @@ def _png_bytes(array):
 def test_masks_are_exactly_the_changed_pixels(category, sources):
   for defect in syn.DEFECT_TYPES:
     for index in range(2):
-      image, mask, normal = syn.render_sample(category, 'test', defect, index,
-                                              seed=0, sources=sources)
+      image, mask, normal = syn.render_sample(
+        category, 'test', defect, index, seed=0, sources=sources
+      )
       assert image.shape == (256, 256, 3) and image.dtype == np.uint8
       assert mask.shape == (256, 256) and mask.dtype == np.bool_
       change = np.abs(image.astype(int) - normal).max(axis=-1)
@@ -54,11 +55,11 @@ def test_masks_are_exactly_the_changed_pixels(category, sources):
 def test_defect_types_differ_in_nature(sources):
   """Scratches are thin, colour defects keep brightness, misplaced and stains
   are blobs."""
+
   def stats(defect):
     widths, lum = [], []
     for i in range(4):
-      image, mask, normal = syn.render_sample('gravel', 'test', defect, i, 0,
-                                              sources)
+      image, mask, normal = syn.render_sample('gravel', 'test', defect, i, 0, sources)
       widths.append(ndimage.distance_transform_edt(mask).max())
       lum.append(abs(image[mask].mean() - normal[mask].mean()))
     return np.mean(widths), np.mean(lum)
@@ -100,15 +101,17 @@ def test_files_match_renders_byte_for_byte(brick_root, sources):
   base = os.path.join(brick_root, 'brick')
   with open(os.path.join(base, 'test', 'stain', '005.png'), 'rb') as f:
     assert f.read() == _png_bytes(image)
-  with open(os.path.join(base, 'ground_truth', 'stain', '005_mask.png'),
-            'rb') as f:
+  with open(os.path.join(base, 'ground_truth', 'stain', '005_mask.png'), 'rb') as f:
     assert f.read() == _png_bytes(mask.astype(np.uint8) * 255)
 
 
 def test_test_images_are_not_training_copies(brick_root):
   def digests(split):
-    return {hashlib.sha256(np.asarray(Image.open(s.image_path)).tobytes())
-            .hexdigest() for s in list_mvtec(brick_root, 'brick', split)}
+    return {
+      hashlib.sha256(np.asarray(Image.open(s.image_path)).tobytes()).hexdigest()
+      for s in list_mvtec(brick_root, 'brick', split)
+    }
+
   train, test = digests('train'), digests('test')
   assert len(train) == syn.NUM_TRAIN and not train & test
 
@@ -116,8 +119,7 @@ def test_test_images_are_not_training_copies(brick_root):
 def test_ensure_is_idempotent_and_subset_aware(brick_root):
   marker = os.path.join(brick_root, syn.MARKER)
   before = os.stat(marker).st_mtime_ns
-  assert syn.ensure_synthetic(brick_root, seed=7, categories=['brick']) == (
-      brick_root)
+  assert syn.ensure_synthetic(brick_root, seed=7, categories=['brick']) == (brick_root)
   assert os.stat(marker).st_mtime_ns == before
 
 
@@ -141,5 +143,5 @@ def test_refuses_foreign_folder(tmp_path):
   (tmp_path / 'mine' / 'thesis.tex').write_text('x')
   with pytest.raises(DataError, match=r'mine is not empty .*refusing'):
     syn.ensure_synthetic(tmp_path / 'mine', categories=['brick'])
-  with pytest.raises(DataError, match="unknown synthetic categories"):
+  with pytest.raises(DataError, match='unknown synthetic categories'):
     syn.ensure_synthetic(tmp_path / 'x', categories=['carpet'])

@@ -8,8 +8,8 @@ import tarfile
 
 import numpy as np
 import pytest
-
 from data_fixtures import make_mvtec_tree, write_image
+
 from msrd_jax.data import DataError
 
 tfds_mvtec = pytest.importorskip('msrd_jax.data.tfds_mvtec')
@@ -18,11 +18,15 @@ tfds_mvtec = pytest.importorskip('msrd_jax.data.tfds_mvtec')
 def _fake_mvtec(root):
   """A tiny 'bottle' with one grayscale image (MVTec's grid/screw/zipper are
   grayscale) and its own folder under the archive-style name."""
-  base = make_mvtec_tree(root, 'bottle', n_train=4, n_test_good=2,
-                         defects=(('broken_large', 2), ('contamination', 1)),
-                         size=(20, 16))
-  write_image(os.path.join(base, 'train', 'good', '004.png'),
-              np.full((16, 20), 77, np.uint8))
+  base = make_mvtec_tree(
+    root,
+    'bottle',
+    n_train=4,
+    n_test_good=2,
+    defects=(('broken_large', 2), ('contamination', 1)),
+    size=(20, 16),
+  )
+  write_image(os.path.join(base, 'train', 'good', '004.png'), np.full((16, 20), 77, np.uint8))
   return base
 
 
@@ -40,8 +44,12 @@ def _check(builder):
     assert ex['mask'].shape == (16, 20, 1) and ex['mask'].dtype == np.uint8
   by_name = {ex['file_name'].decode(): ex for ex in train + test}
   assert set(by_name) == {f'train/good/{i:03d}.png' for i in range(5)} | {
-      'test/good/000.png', 'test/good/001.png', 'test/broken_large/000.png',
-      'test/broken_large/001.png', 'test/contamination/000.png'}
+    'test/good/000.png',
+    'test/good/001.png',
+    'test/broken_large/000.png',
+    'test/broken_large/001.png',
+    'test/contamination/000.png',
+  }
   gray = by_name['train/good/004.png']['image']
   assert (gray == 77).all()
   np.testing.assert_array_equal(by_name['train/good/002.png']['image'], 2)
@@ -61,8 +69,8 @@ def test_build_from_extracted_folder(tmp_path):
   _check(builder)
   # Registered with TFDS: readable by name.
   import tensorflow_datasets as tfds
-  source = tfds.data_source('mvtec_ad/bottle', split='test',
-                            data_dir=str(tmp_path / 'data'))
+
+  source = tfds.data_source('mvtec_ad/bottle', split='test', data_dir=str(tmp_path / 'data'))
   assert len(source) == 5
   # Prepared once: the manual_dir is not needed any more.
   again = tfds_mvtec.prepare('bottle', tmp_path / 'data', tmp_path / 'gone')

@@ -10,24 +10,34 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import tiny_config
 from PIL import Image
 
-from msrd_jax import checkpoint
-from msrd_jax import evaluate
-from msrd_jax import run_all
-from msrd_jax import teacher
-from msrd_jax import train
-from conftest import tiny_config
+from msrd_jax import checkpoint, evaluate, run_all, teacher, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METRICS = ('image_auroc', 'pixel_auroc', 'au_pro', 'image_ap', 'pixel_ap',
-           'image_f1_max', 'pixel_f1_max', 'au_pro_rd4ad')
+METRICS = (
+  'image_auroc',
+  'pixel_auroc',
+  'au_pro',
+  'image_ap',
+  'pixel_ap',
+  'image_f1_max',
+  'pixel_f1_max',
+  'au_pro_rd4ad',
+)
 
 
 def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
   env = dict(os.environ, PYTHONPATH=ROOT)
-  return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=900)
+  return subprocess.run(
+    [sys.executable, '-m', module, *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
 
 
 def _check_png(path: str) -> None:
@@ -37,11 +47,19 @@ def _check_png(path: str) -> None:
 
 def test_demo_command_trains_then_writes_results_and_pictures(synthetic_root, tmp_path):
   # The README's main job, at test scale: the synthetic config, two overrides shorter.
-  out = _cli('msrd_jax.train', '--config', 'configs/synthetic.py', '--workdir',
-             str(tmp_path), '--config.data.dataset=mvtec',
-             f'--config.data.root={synthetic_root}', '--config.data.image_size=96',
-             '--config.train.steps=4', '--config.train.batch_size=8',
-             '--config.eval.num_pictures=4')
+  out = _cli(
+    'msrd_jax.train',
+    '--config',
+    'configs/synthetic.py',
+    '--workdir',
+    str(tmp_path),
+    '--config.data.dataset=mvtec',
+    f'--config.data.root={synthetic_root}',
+    '--config.data.image_size=96',
+    '--config.train.steps=4',
+    '--config.train.batch_size=8',
+    '--config.eval.num_pictures=4',
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   with open(tmp_path / 'results.json') as f:
     results = json.load(f)
@@ -53,24 +71,28 @@ def test_demo_command_trains_then_writes_results_and_pictures(synthetic_root, tm
   with open(tmp_path / 'evaluation.json') as f:
     info = json.load(f)
   assert info['checkpoint_step'] == 4 and info['test_images'] == 52
-  assert set(info['image_auroc_per_defect_type']) == {'color', 'misplaced', 'scratch',
-                                                       'stain'}
+  assert set(info['image_auroc_per_defect_type']) == {'color', 'misplaced', 'scratch', 'stain'}
   _check_png(tmp_path / 'pictures' / 'examples.png')
   _check_png(tmp_path / 'pictures' / 'curves.png')
   assert 'RANDOM weights' in out.stderr  # the random teacher is announced loudly
 
 
 def test_evaluate_without_checkpoint_is_one_clear_line(synthetic_root, tmp_path):
-  out = _cli('msrd_jax.evaluate', '--config', 'configs/synthetic.py', '--workdir',
-             str(tmp_path / 'nothing'), '--config.data.dataset=mvtec',
-             f'--config.data.root={synthetic_root}')
+  out = _cli(
+    'msrd_jax.evaluate',
+    '--config',
+    'configs/synthetic.py',
+    '--workdir',
+    str(tmp_path / 'nothing'),
+    '--config.data.dataset=mvtec',
+    f'--config.data.root={synthetic_root}',
+  )
   assert out.returncode == 2
   assert 'error: no checkpoint' in out.stderr and 'Traceback' not in out.stderr
 
 
 def test_train_without_data_says_where_to_get_it(tmp_path):
-  out = _cli('msrd_jax.train', '--config', 'configs/mvtec.py', '--workdir',
-             str(tmp_path))
+  out = _cli('msrd_jax.train', '--config', 'configs/mvtec.py', '--workdir', str(tmp_path))
   assert out.returncode == 2
   assert 'mvtec.com' in out.stderr and '--config.data.root' in out.stderr
   assert 'Traceback' not in out.stderr
@@ -81,8 +103,7 @@ def run_with_teacher_file(synthetic_root, tmp_path_factory):
   """A short run whose teacher comes from a file, as a ported one would."""
   base = tmp_path_factory.mktemp('teacher_run')
   weights = str(base / 'teacher.msgpack')
-  teacher.save_teacher(weights, 'resnet18', teacher.init_teacher('resnet18', seed=3,
-                                                                 warn=False))
+  teacher.save_teacher(weights, 'resnet18', teacher.init_teacher('resnet18', seed=3, warn=False))
   config = tiny_config(synthetic_root, steps=2)
   config.model.teacher_weights = weights
   workdir = str(base / 'run')
@@ -105,21 +126,22 @@ def test_evaluation_at_another_resolution_than_the_input(run_with_teacher_file, 
   other.eval.resolution = 64  # the model sees 96 px; maps, masks and pictures are 64
   copy = tmp_path / 'run'
   import shutil
+
   shutil.copytree(workdir, copy)
   results = evaluate.evaluate(other, str(copy))
   assert all(0 <= v <= 1 for v in results['brick'].values() if not np.isnan(v))
   _check_png(copy / 'pictures' / 'examples.png')
 
 
-def test_evaluate_refuses_a_checkpoint_of_another_teacher(run_with_teacher_file,
-                                                          tmp_path):
+def test_evaluate_refuses_a_checkpoint_of_another_teacher(run_with_teacher_file, tmp_path):
   config, workdir, _ = run_with_teacher_file
   other = config.copy_and_resolve_references()
   # Same path in the config, other weights in the file: only the fingerprint can tell.
   with open(config.model.teacher_weights, 'rb') as f:
     original = f.read()
-  teacher.save_teacher(config.model.teacher_weights, 'resnet18',
-                       teacher.init_teacher('resnet18', seed=4, warn=False))
+  teacher.save_teacher(
+    config.model.teacher_weights, 'resnet18', teacher.init_teacher('resnet18', seed=4, warn=False)
+  )
   try:
     with pytest.raises(checkpoint.CheckpointMismatch, match='another teacher'):
       evaluate.evaluate(other, workdir, pictures=False)
@@ -132,6 +154,7 @@ def test_evaluate_refuses_a_checkpoint_of_another_teacher(run_with_teacher_file,
 
 def test_predict_scores_new_images_as_evaluation_does(run_with_teacher_file, tmp_path):
   from msrd_jax import predict
+
   config, workdir, _ = run_with_teacher_file
   evaluate.evaluate(config, workdir, pictures=False)
   with open(os.path.join(workdir, 'test_scores.csv')) as f:
@@ -158,7 +181,8 @@ def test_a_moved_teacher_file_still_fits(run_with_teacher_file, tmp_path):
   with open(weights, 'rb') as src, open(moved.model.teacher_weights, 'wb') as dst:
     dst.write(src.read())
   assert evaluate.evaluate(moved, workdir, pictures=False) == evaluate.evaluate(
-      config, workdir, pictures=False)
+    config, workdir, pictures=False
+  )
 
 
 def test_evaluate_refuses_an_incompatible_config(run_with_teacher_file):
@@ -179,8 +203,9 @@ def test_picture_indices_cover_defects_and_good_images():
   assert len(evaluate.picture_indices(labels[:3], 8)) == 3
 
 
-def test_run_all_trains_each_category_once_and_writes_one_table(synthetic_root, tmp_path,
-                                                                monkeypatch):
+def test_run_all_trains_each_category_once_and_writes_one_table(
+  synthetic_root, tmp_path, monkeypatch
+):
   config = tiny_config(synthetic_root, steps=2)
   config.eval.num_pictures = 2
   results = run_all.run_all(config, str(tmp_path), ['brick', 'grass'])
@@ -196,6 +221,7 @@ def test_run_all_trains_each_category_once_and_writes_one_table(synthetic_root, 
   # Run again: everything is done, nothing is trained or evaluated.
   def fail(*args, **kwargs):
     raise AssertionError('a finished category was run again')
+
   monkeypatch.setattr(train, 'train_and_evaluate', fail)
   assert run_all.run_all(config, str(tmp_path), ['brick', 'grass']) == results
 

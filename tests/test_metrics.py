@@ -48,6 +48,7 @@ def slow_au_pro(amaps, masks, limit=0.3):
 def rd4ad_compute_pro(masks, amaps, num_th=200):
   """Transcription of hq-deng/RD4AD test.py `compute_pro` (pandas replaced by lists)."""
   from skimage import measure
+
   assert set(masks.flatten()) == {0, 1}
   binary_amaps = np.zeros_like(amaps, dtype=bool)
   min_th, max_th = amaps.min(), amaps.max()
@@ -72,8 +73,13 @@ def rd4ad_compute_pro(masks, amaps, num_th=200):
 
 def rd4ad_evaluation_aupro(amaps, masks):
   """RD4AD's `evaluation`: compute_pro per defective image, then the mean."""
-  return np.mean([rd4ad_compute_pro(m[None].astype(int), a[None].astype(np.float64))
-                  for a, m in zip(amaps, masks) if m.any()])
+  return np.mean(
+    [
+      rd4ad_compute_pro(m[None].astype(int), a[None].astype(np.float64))
+      for a, m in zip(amaps, masks)
+      if m.any()
+    ]
+  )
 
 
 def sk_f1_max(labels, scores):
@@ -110,7 +116,7 @@ def blob_category(rng, n=6, size=24, ties=False, dtype=np.float32):
 @pytest.mark.parametrize('dtype', [np.float32, np.float64])
 def test_binary_metrics_match_sklearn(ties, dtype):
   rng = np.random.default_rng(0)
-  for trial in range(5):
+  for _trial in range(5):
     n = int(rng.integers(20, 400))
     labels = rng.random(n) < rng.uniform(0.1, 0.9)
     labels[:2] = [True, False]
@@ -119,11 +125,14 @@ def test_binary_metrics_match_sklearn(ties, dtype):
       scores = np.round(scores, 1)
     scores = scores.astype(dtype)
     assert metrics.image_auroc(scores, labels) == pytest.approx(
-        skm.roc_auc_score(labels, scores), abs=1e-9)
+      skm.roc_auc_score(labels, scores), abs=1e-9
+    )
     assert metrics.image_ap(scores, labels) == pytest.approx(
-        skm.average_precision_score(labels, scores), abs=1e-9)
+      skm.average_precision_score(labels, scores), abs=1e-9
+    )
     assert metrics.image_f1_max(scores, labels) == pytest.approx(
-        sk_f1_max(labels, scores), abs=1e-9)
+      sk_f1_max(labels, scores), abs=1e-9
+    )
     fpr, tpr = metrics.roc_curve(scores, labels.astype(int))
     sk_fpr, sk_tpr, _ = skm.roc_curve(labels, scores, drop_intermediate=False)
     np.testing.assert_array_equal(fpr, sk_fpr)
@@ -137,9 +146,11 @@ def test_pixel_metrics_match_sklearn(ties):
   y, s = masks.ravel(), amaps.ravel()
   assert metrics.pixel_auroc(amaps, masks) == pytest.approx(skm.roc_auc_score(y, s), abs=1e-9)
   assert metrics.pixel_ap(amaps, masks.astype(np.uint8)) == pytest.approx(
-      skm.average_precision_score(y, s), abs=1e-9)
+    skm.average_precision_score(y, s), abs=1e-9
+  )
   assert metrics.pixel_f1_max(amaps, masks.astype(np.float32)) == pytest.approx(
-      sk_f1_max(y, s), abs=1e-9)
+    sk_f1_max(y, s), abs=1e-9
+  )
 
 
 def test_auroc_all_tied_is_half():
@@ -160,17 +171,17 @@ def test_au_pro_hand_computed():
   amaps = np.zeros((2, 4, 4))
   masks = np.zeros((2, 4, 4), int)
   masks[1, :2, :2] = 1
-  amaps[1, 0, 0] = 0.9                  # defect
+  amaps[1, 0, 0] = 0.9  # defect
   amaps[1, 0, 1] = amaps[1, 1, 0] = 0.5  # defect
-  amaps[1, 1, 1] = 0.1                  # defect (tied with the normal pixels below)
-  amaps[0, 0, 0] = 0.7                  # one normal pixel
+  amaps[1, 1, 1] = 0.1  # defect (tied with the normal pixels below)
+  amaps[0, 0, 0] = 0.7  # one normal pixel
   amaps[0, 3, 3] = amaps[1, 3, 3] = 0.1  # two normal pixels
   # Thresholds high to low (FPR = normal >= t / 28, PRO = region >= t / 4):
   #   above all: (0, 0); 0.9: (0, 1/4); 0.7: (1/28, 1/4); 0.5: (1/28, 3/4);
   #   0.1: (3/28, 1); 0.0: (1, 1).
   fpr, pro = metrics.pro_curve(amaps, masks)
   np.testing.assert_allclose(fpr, [0, 0, 1 / 28, 1 / 28, 3 / 28, 1])
-  np.testing.assert_allclose(pro, [0, .25, .25, .75, 1, 1])
+  np.testing.assert_allclose(pro, [0, 0.25, 0.25, 0.75, 1, 1])
   # Area up to 0.3: 0.25 * 1/28 (flat) + (0.75 + 1) / 2 * 2/28 (tie step 0.1)
   # + 1 * (0.3 - 3/28) (flat at 1, the value interpolated at 0.3).
   expected = (0.25 / 28 + 1.75 / 28 + (0.3 - 3 / 28)) / 0.3
@@ -182,7 +193,7 @@ def test_au_pro_hand_computed():
 
 def test_au_pro_interpolates_inside_a_tie_step():
   # One 1x4 region scoring 1, and 4 normal pixels: 2 at 1 (tied) and 2 at 0.
-  amaps = np.array([[[1., 1., 1., 1., 1., 1., 0., 0.]]])
+  amaps = np.array([[[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]]])
   masks = np.array([[[1, 1, 1, 1, 0, 0, 0, 0]]])
   # Curve: (0, 0) -> (2/4, 1) diagonal -> (1, 1). At FPR 0.3 the PRO is 0.3 / 0.5 = 0.6;
   # area = 0.5 * 0.3 * 0.6 = 0.09, normalized 0.3.
@@ -193,7 +204,7 @@ def test_au_pro_curve_point_exactly_at_the_limit():
   # 10 normal pixels at 0.9, 0.8, ..., 0.0 and a region of 2 pixels at 0.95 and 0.75.
   # Curve: (0, 0) (0, .5) (.1, .5) (.2, .5) (.2, 1) (.3, 1) ...: the point at t = 0.7
   # is at FPR 3/10, exactly the limit, so nothing is interpolated.
-  amaps = np.array([[[0.95, 0.75, .9, .8, .7, .6, .5, .4, .3, .2, .1, 0.]]])
+  amaps = np.array([[[0.95, 0.75, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0]]])
   masks = np.array([[[1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]]])
   expected = (0.5 * 0.2 + 1.0 * 0.1) / 0.3
   assert metrics.au_pro(amaps, masks) == pytest.approx(expected, abs=1e-12)
@@ -232,8 +243,9 @@ def test_au_pro_single_region_and_perfect_map():
 def test_au_pro_matches_slow_reference(ties, limit):
   rng = np.random.default_rng(2)
   for trial in range(3):
-    amaps, masks = blob_category(rng, n=5, size=16, ties=ties,
-                                 dtype=np.float32 if trial % 2 else np.float64)
+    amaps, masks = blob_category(
+      rng, n=5, size=16, ties=ties, dtype=np.float32 if trial % 2 else np.float64
+    )
     expected = slow_au_pro(amaps, masks, limit)
     assert metrics.au_pro(amaps, masks, fpr_limit=limit) == pytest.approx(expected, abs=1e-10)
     fpr, pro = metrics.pro_curve(amaps, masks)
@@ -292,7 +304,8 @@ def test_au_pro_rd4ad_matches_transcription(ties):
   assert metrics.au_pro_rd4ad(amaps, masks) == pytest.approx(expected, abs=1e-12)
   whole = rd4ad_compute_pro(masks.astype(int), amaps, num_th=50)
   assert metrics.au_pro_rd4ad(amaps, masks, num_thresholds=50, per_image=False) == (
-      pytest.approx(whole, abs=1e-12))
+    pytest.approx(whole, abs=1e-12)
+  )
 
 
 def test_au_pro_rd4ad_undefined_for_perfect_map():
@@ -301,7 +314,7 @@ def test_au_pro_rd4ad_undefined_for_perfect_map():
   amaps = masks.astype(float)
   with pytest.raises(ValueError, match='undefined'):
     metrics.au_pro_rd4ad(amaps, masks)
-  res = metrics.evaluate_all([0., 1.], [0, 1], amaps, masks)
+  res = metrics.evaluate_all([0.0, 1.0], [0, 1], amaps, masks)
   assert np.isnan(res['au_pro_rd4ad']) and res['au_pro'] == pytest.approx(1.0)
 
 
@@ -314,8 +327,16 @@ def test_evaluate_all_matches_individual_functions():
   amaps, masks = blob_category(rng, n=8, size=32)
   scores, labels = amaps.max(axis=(1, 2)), masks.any(axis=(1, 2))
   res = metrics.evaluate_all(scores, labels, amaps, masks)
-  assert set(res) == {'image_auroc', 'pixel_auroc', 'au_pro', 'image_ap', 'pixel_ap',
-                      'image_f1_max', 'pixel_f1_max', 'au_pro_rd4ad'}
+  assert set(res) == {
+    'image_auroc',
+    'pixel_auroc',
+    'au_pro',
+    'image_ap',
+    'pixel_ap',
+    'image_f1_max',
+    'pixel_f1_max',
+    'au_pro_rd4ad',
+  }
   y, s = masks.ravel(), amaps.ravel()
   assert res['image_auroc'] == pytest.approx(skm.roc_auc_score(labels, scores), abs=1e-9)
   assert res['pixel_auroc'] == pytest.approx(skm.roc_auc_score(y, s), abs=1e-9)

@@ -11,27 +11,23 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference
 import pytest
 
 from msrd_jax import config as config_lib
-from msrd_jax import coord_attention
-from msrd_jax import fusion
-from msrd_jax import losses
-from msrd_jax import memory
+from msrd_jax import coord_attention, fusion, losses, memory, teacher
 from msrd_jax import model as model_lib
-from msrd_jax import teacher
-import numpy_reference
 
 BN_EPS = 1e-5
 
 # Published facts, written out independently of teacher.ARCH_SPECS: blocks per stage
 # (layer1..layer3), block type and the channels (C1, C2, C3) of layer1..layer3.
 ARCHS = {
-    'resnet18': ((2, 2, 2), 'basic', (64, 128, 256)),
-    'resnet34': ((3, 4, 6), 'basic', (64, 128, 256)),
-    'resnet50': ((3, 4, 6), 'bottleneck', (256, 512, 1024)),
-    'wide_resnet50_2': ((3, 4, 6), 'bottleneck', (256, 512, 1024)),
-    'wide_resnet101_2': ((3, 4, 23), 'bottleneck', (256, 512, 1024)),
+  'resnet18': ((2, 2, 2), 'basic', (64, 128, 256)),
+  'resnet34': ((3, 4, 6), 'basic', (64, 128, 256)),
+  'resnet50': ((3, 4, 6), 'bottleneck', (256, 512, 1024)),
+  'wide_resnet50_2': ((3, 4, 6), 'bottleneck', (256, 512, 1024)),
+  'wide_resnet101_2': ((3, 4, 23), 'bottleneck', (256, 512, 1024)),
 }
 
 
@@ -63,8 +59,7 @@ def np_sigmoid(x):
 
 
 def np_bn(x, stats, params):
-  return ((x - stats['mean']) / np.sqrt(stats['var'] + BN_EPS) * params['scale']
-          + params['bias'])
+  return (x - stats['mean']) / np.sqrt(stats['var'] + BN_EPS) * params['scale'] + params['bias']
 
 
 def small_config(backbone: str = 'resnet18', image_size: int = 64):
@@ -78,8 +73,11 @@ def student_shapes(config, image_size: int):
   """Student variables as ShapeDtypeStructs, without compute."""
   msrd = model_lib.MSRD(config)
   tshapes = teacher.teacher_shapes(config.model.backbone)
-  return msrd, tshapes, jax.eval_shape(
-      lambda tv: msrd.init(jax.random.key(0), tv, image_size), tshapes)
+  return (
+    msrd,
+    tshapes,
+    jax.eval_shape(lambda tv: msrd.init(jax.random.key(0), tv, image_size), tshapes),
+  )
 
 
 def has_key(tree, name: str) -> bool:
@@ -113,8 +111,7 @@ def test_coord_attention_matches_numpy_formula():
   module = coord_attention.CoordAttention(train=False)
   variables = randomize(module.init(jax.random.key(0), x), seed=1)
   got = np.asarray(module.apply(variables, x))
-  want, pre_activation = np_coord_attention(x, variables['params'],
-                                            variables['batch_stats'])
+  want, pre_activation = np_coord_attention(x, variables['params'], variables['batch_stats'])
   # The randomized BN is far from an identity and h-swish sees all three pieces.
   assert (pre_activation < -3).any() and (pre_activation > 3).any()
   assert (np.abs(pre_activation) < 3).any()
@@ -136,8 +133,9 @@ def test_coord_attention_eval_mode_uses_running_statistics():
 def test_coord_attention_mip_channels(channels, mip):
   assert coord_attention.mip_channels(channels) == mip
   module = coord_attention.CoordAttention()
-  shapes = jax.eval_shape(module.init, jax.random.key(0),
-                          jax.ShapeDtypeStruct((1, 3, 5, channels), jnp.float32))
+  shapes = jax.eval_shape(
+    module.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 3, 5, channels), jnp.float32)
+  )
   p = shapes['params']
   assert p['conv1']['kernel'].shape == (1, 1, channels, mip)
   assert 'bias' not in p['conv1']  # redundant before BN
@@ -169,13 +167,11 @@ def np_entropy(w):
 
 def _queries_and_memory(p=64, n=50, d=16, seed=0):
   rng = np.random.default_rng(seed)
-  return (rng.normal(size=(p, d)).astype(np.float32),
-          rng.normal(size=(n, d)).astype(np.float32))
+  return (rng.normal(size=(p, d)).astype(np.float32), rng.normal(size=(n, d)).astype(np.float32))
 
 
 # lam <= 1/N: the largest softmax weight is >= 1/N, so no row is shrunk to all zeros.
-@pytest.mark.parametrize('tau,lam', [(0.05, 1 / 50), (0.05, 0.0), (0.5, 1 / 50),
-                                     (1.0, 0.01)])
+@pytest.mark.parametrize('tau,lam', [(0.05, 1 / 50), (0.05, 0.0), (0.5, 1 / 50), (1.0, 0.01)])
 def test_read_weights_match_numpy_and_are_convex(tau, lam):
   z, m = _queries_and_memory()
   w = np.asarray(memory.read_weights(jnp.asarray(z), jnp.asarray(m), tau, lam))
@@ -221,8 +217,7 @@ def test_entropy_matches_numpy():
     np.testing.assert_allclose(got, np_entropy(w), rtol=1e-5)
   # One-hot rows have zero entropy, uniform rows log(N).
   assert abs(float(memory.entropy(jnp.eye(5)))) < 1e-6
-  np.testing.assert_allclose(float(memory.entropy(jnp.full((3, 8), 1 / 8))),
-                             np.log(8), rtol=1e-6)
+  np.testing.assert_allclose(float(memory.entropy(jnp.full((3, 8), 1 / 8))), np.log(8), rtol=1e-6)
 
 
 def _bank_input(seed=0):
@@ -256,8 +251,7 @@ def test_memory_residual_starts_as_identity_and_uses_gate():
   out, _, _ = bank.apply({'params': params}, jnp.asarray(z))
   mem = np.asarray(params['memory'])
   w_ref = np_read_weights(z.reshape(-1, 16), mem, 0.1, 0.0)
-  np.testing.assert_allclose(np.asarray(out),
-                             z + 0.5 * (w_ref @ mem).reshape(z.shape), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(out), z + 0.5 * (w_ref @ mem).reshape(z.shape), atol=1e-5)
 
 
 def test_memory_off_is_identity_without_params():
@@ -296,8 +290,10 @@ def test_fusion_weights_fast_normalized():
 def _features(channels, b=2, h1=16, w1=12, seed=0):
   """[e1, e2, e3] at strides 4, 8, 16 of a (4 h1) x (4 w1) image; non-square."""
   rng = np.random.default_rng(seed)
-  return [jnp.asarray(rng.normal(size=(b, h1 >> k, w1 >> k, c)), jnp.float32)
-          for k, c in enumerate(channels)]
+  return [
+    jnp.asarray(rng.normal(size=(b, h1 >> k, w1 >> k, c)), jnp.float32)
+    for k, c in enumerate(channels)
+  ]
 
 
 @pytest.mark.parametrize('init_self,init_other', [(1.0, 0.5), (0.7, 0.2)])
@@ -307,11 +303,13 @@ def test_msff_fusion_logits_init(init_self, init_other):
   shapes = jax.eval_shape(msff.init, jax.random.key(0), _features(channels))
   assert shapes['params']['fusion_logits'].shape == (3, 3)
   # Only the logits are fetched, so XLA drops the rest of the initialization.
-  a = np.asarray(jax.jit(lambda k, f: msff.init(k, f)['params']['fusion_logits'])(
-      jax.random.key(0), _features(channels, b=1, h1=4, w1=4)))
+  a = np.asarray(
+    jax.jit(lambda k, f: msff.init(k, f)['params']['fusion_logits'])(
+      jax.random.key(0), _features(channels, b=1, h1=4, w1=4)
+    )
+  )
   np.testing.assert_array_equal(np.diag(a), np.full(3, init_self, np.float32))
-  np.testing.assert_array_equal(a[~np.eye(3, dtype=bool)],
-                                np.full(6, init_other, np.float32))
+  np.testing.assert_array_equal(a[~np.eye(3, dtype=bool)], np.full(6, init_other, np.float32))
 
 
 def test_msff_and_mff_output_shapes_resnet18():
@@ -321,8 +319,7 @@ def test_msff_and_mff_output_shapes_resnet18():
     variables = jax.eval_shape(module.init, jax.random.key(0), feats)
     out = jax.eval_shape(module.apply, variables, feats)
     assert out.shape == (2, 4, 3, 3 * 256), type(module).__name__
-  msff_params = jax.eval_shape(fusion.MSFF(channels).init, jax.random.key(0),
-                               feats)['params']
+  msff_params = jax.eval_shape(fusion.MSFF(channels).init, jax.random.key(0), feats)['params']
   # All nine mappings; identities have no parameters.
   for i in range(1, 4):
     for j in range(1, 4):
@@ -339,15 +336,16 @@ def test_mappings_land_on_target_level():
       mapping = fusion.Mapping(j, i, channels)
       hw = feats[i].shape[1:3]
       variables = jax.eval_shape(
-          lambda x, m=mapping, hw=hw: m.init(jax.random.key(0), x, hw), feats[j])
-      out = jax.eval_shape(lambda v, x, m=mapping, hw=hw: m.apply(v, x, hw), variables,
-                           feats[j])
+        lambda x, m=mapping, hw=hw: m.init(jax.random.key(0), x, hw), feats[j]
+      )
+      out = jax.eval_shape(lambda v, x, m=mapping, hw=hw: m.apply(v, x, hw), variables, feats[j])
       assert out.shape == feats[i].shape, (j, i)
       params = flat(variables.get('params', {}))
       if j < i:  # (i - j) 3x3/2 conv-BN-ReLU, C_j -> ... -> C_i
         convs = sorted(p for p in params if p[-1] == 'kernel')
         assert [params[p].shape for p in convs] == [
-            (3, 3, channels[k], channels[k + 1]) for k in range(j, i)]
+          (3, 3, channels[k], channels[k + 1]) for k in range(j, i)
+        ]
       elif j > i:  # 1x1 conv C_j -> C_i
         assert params[('conv', 'kernel')].shape == (1, 1, channels[j], channels[i])
       else:
@@ -365,7 +363,9 @@ def test_upward_mapping_is_conv_bn_then_bilinear():
     p = jax.tree_util.tree_map(np.asarray, variables['params'])
     s = jax.tree_util.tree_map(np.asarray, variables['batch_stats'])
     y = np_bn(x.astype(np.float64) @ p['conv']['kernel'][0, 0], s['bn'], p['bn'])
-    np.testing.assert_allclose(got, numpy_reference.bilinear_resize(y, hw, axes=(1, 2)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+      got, numpy_reference.bilinear_resize(y, hw, axes=(1, 2)), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_msff_fuses_with_normalized_weights():
@@ -395,13 +395,11 @@ def test_msff_fuses_with_normalized_weights():
       g_ref += w[i, j] * t
     g_ref = np.maximum(g_ref, 0)
     if i == 2:
-      np.testing.assert_allclose(np.asarray(out)[..., -channels[2]:], g_ref, rtol=1e-4,
-                                 atol=1e-5)
+      np.testing.assert_allclose(np.asarray(out)[..., -channels[2] :], g_ref, rtol=1e-4, atol=1e-5)
     else:
       name = f'level{i + 1}_down1'
       sub = {c: v['align'][name] for c, v in variables.items()}
-      want = fusion.ConvBNReLU(channels[i + 1], 2).apply(
-          sub, jnp.asarray(g_ref, jnp.float32))
+      want = fusion.ConvBNReLU(channels[i + 1], 2).apply(sub, jnp.asarray(g_ref, jnp.float32))
       got = state['intermediates']['align'][name]['__call__'][0]
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
 
@@ -422,6 +420,7 @@ def test_deconv2x2_is_pytorch_transposed_conv():
   # PyTorch ConvTranspose2d(C, F, 2, stride=2): out[2i + a, 2j + b] = x[i, j] @ W[:, :, a, b],
   # transcribed as a loop, and jax.lax.conv_transpose with the same (flipped) kernel.
   from msrd_jax import decoder
+
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 3, 5, 4)).astype(np.float32)
   mod = decoder.Deconv2x2(6)
@@ -435,8 +434,9 @@ def test_deconv2x2_is_pytorch_transposed_conv():
         for b in range(2):
           ref[:, 2 * i + a, 2 * j + b] = x[:, i, j] @ kernel[a, b]
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
-  lax_ref = jax.lax.conv_transpose(x, kernel[::-1, ::-1], (2, 2), 'VALID',
-                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  lax_ref = jax.lax.conv_transpose(
+    x, kernel[::-1, ::-1], (2, 2), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
   np.testing.assert_allclose(got, np.asarray(lax_ref), rtol=1e-5, atol=1e-5)
 
 
@@ -444,8 +444,7 @@ def test_deconv2x2_is_pytorch_transposed_conv():
 def test_student_matches_teacher_shapes(arch):
   blocks, kind, channels = ARCHS[arch]
   e, d, aux, variables = _arch_shapes(arch)
-  assert [x.shape for x in e] == [(2, 256 // s, 256 // s, c)
-                                  for s, c in zip((4, 8, 16), channels)]
+  assert [x.shape for x in e] == [(2, 256 // s, 256 // s, c) for s, c in zip((4, 8, 16), channels)]
   assert [x.shape for x in d] == [x.shape for x in e]
   assert all(x.dtype == jnp.float32 for x in d)
   # OCE: embedding of 512 * expansion channels at stride 32.
@@ -457,8 +456,7 @@ def test_student_matches_teacher_shapes(arch):
   assert len(oce) == (2 if kind == 'basic' else 3), sorted(oce)
   first = oce[sorted(oce)[0]]
   # The first OCE block has the 1x1/2 conv + BN shortcut from 3 * C3 channels.
-  assert first['downsample_0']['kernel'].shape == (1, 1, 3 * channels[2],
-                                                    512 * expansion)
+  assert first['downsample_0']['kernel'].shape == (1, 1, 3 * channels[2], 512 * expansion)
   # de-ResNet: the stage for level 3 has layers[0] blocks, level 2 layers[1], level 1
   # layers[2] (RD4AD's de_resnet).
   dec = params['decoder']
@@ -539,8 +537,7 @@ def test_attention_only_in_fusion():
 
 def np_cos_distance(e, d, axis):
   e, d = np.asarray(e, np.float64), np.asarray(d, np.float64)
-  return 1 - (e * d).sum(axis) / (np.linalg.norm(e, axis=axis) *
-                                   np.linalg.norm(d, axis=axis))
+  return 1 - (e * d).sum(axis) / (np.linalg.norm(e, axis=axis) * np.linalg.norm(d, axis=axis))
 
 
 def _pairs(seed=0):
@@ -548,8 +545,7 @@ def _pairs(seed=0):
   shapes = [(3, 8, 6, 4), (3, 4, 3, 8), (3, 2, 2, 16)]
   e = [rng.normal(size=s).astype(np.float32) for s in shapes]
   # Correlated student features so the cosines are far from 0 and differ per image.
-  d = [(x + rng.normal(scale=0.5 + i, size=x.shape)).astype(np.float32)
-       for i, x in enumerate(e)]
+  d = [(x + rng.normal(scale=0.5 + i, size=x.shape)).astype(np.float32) for i, x in enumerate(e)]
   return e, d
 
 
@@ -575,18 +571,21 @@ def test_pixel_cosine_loss_matches_numpy():
 def test_distillation_loss_sums_levels(kind):
   e, d = _pairs(2)
   if kind == 'global':
-    want = sum(np.mean(np_cos_distance(x.reshape(3, -1), y.reshape(3, -1), axis=-1))
-               for x, y in zip(e, d))
+    want = sum(
+      np.mean(np_cos_distance(x.reshape(3, -1), y.reshape(3, -1), axis=-1)) for x, y in zip(e, d)
+    )
   else:
     want = sum(np.mean(np_cos_distance(x, y, axis=-1)) for x, y in zip(e, d))
-  got = float(losses.distillation_loss([jnp.asarray(x) for x in e],
-                                       [jnp.asarray(y) for y in d], kind))
+  got = float(
+    losses.distillation_loss([jnp.asarray(x) for x in e], [jnp.asarray(y) for y in d], kind)
+  )
   np.testing.assert_allclose(got, want, rtol=1e-5)
   # Identical features give zero loss; opposite ones 2 per level.
   same = float(losses.distillation_loss(e, e, kind))
   assert abs(same) < 1e-5
-  np.testing.assert_allclose(float(losses.distillation_loss(e, [-x for x in e], kind)),
-                             6.0, rtol=1e-5)
+  np.testing.assert_allclose(
+    float(losses.distillation_loss(e, [-x for x in e], kind)), 6.0, rtol=1e-5
+  )
 
 
 def test_distillation_loss_rejects_unknown_kind():
@@ -619,8 +618,7 @@ def test_teacher_gets_no_gradient_and_is_not_a_student_param():
   config = small_config('resnet18', 64)
   msrd, tshapes, sshapes = student_shapes(config, 64)
   teacher_vars, student_vars = he_random(tshapes, 0), he_random(sshapes, 1)
-  images = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 64, 64, 3)),
-                       jnp.float32)
+  images = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 64, 64, 3)), jnp.float32)
 
   def loss(tv, params):
     e, d, aux, _ = msrd.apply_train(tv, params, student_vars['batch_stats'], images)
@@ -659,7 +657,9 @@ def test_base_config_is_valid():
     config_lib.validate(small_config('resnet18', size))
 
 
-@pytest.mark.parametrize('field,value,needle', [
+@pytest.mark.parametrize(
+  'field,value,needle',
+  [
     ('data.image_size', 100, 'data.image_size'),
     ('data.image_size', 16, 'data.image_size'),
     ('data.image_size', 80, 'data.image_size'),  # a multiple of 16, not of 32
@@ -667,7 +667,8 @@ def test_base_config_is_valid():
     ('model.fusion', 'bifpn', 'model.fusion'),
     ('model.memory.mode', 'sparse', 'model.memory.mode'),
     ('model.coord_attention', ('fusion', 'encoder'), 'encoder'),
-])
+  ],
+)
 def test_validate_rejects(field, value, needle):
   config = config_lib.base_config()
   *parents, leaf = field.split('.')
@@ -679,8 +680,7 @@ def test_validate_rejects(field, value, needle):
     config_lib.validate(config)
   assert isinstance(info.value, ValueError)
   message = str(info.value)
-  assert needle in message and str(value if not isinstance(value, tuple)
-                                   else value[1]) in message
+  assert needle in message and str(value if not isinstance(value, tuple) else value[1]) in message
 
 
 def test_validate_lists_every_problem_at_once():
@@ -693,8 +693,17 @@ def test_validate_lists_every_problem_at_once():
   with pytest.raises(config_lib.ConfigError) as info:
     config_lib.validate(config)
   message = str(info.value)
-  for needle in ('data.image_size', '100', 'model.backbone', 'resnet152',
-                 'model.fusion', 'bifpn', 'model.memory.mode', 'sparse',
-                 'model.coord_attention', 'encoder'):
+  for needle in (
+    'data.image_size',
+    '100',
+    'model.backbone',
+    'resnet152',
+    'model.fusion',
+    'bifpn',
+    'model.memory.mode',
+    'sparse',
+    'model.coord_attention',
+    'encoder',
+  ):
     assert needle in message, needle
   assert len(message.strip().splitlines()) == 1 + 5

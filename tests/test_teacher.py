@@ -8,10 +8,9 @@ import os
 import jax
 import numpy as np
 import pytest
-
-from msrd_jax import port
-from msrd_jax import teacher
 import teacher_fixture_recipe as recipe
+
+from msrd_jax import port, teacher
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
 
@@ -49,8 +48,9 @@ def test_port_maps_every_key_of_the_torchvision_manifest(arch):
   entries = port.plan_port(arch, shapes)
   mapped = {e.torch_key for e in entries}
   ignored = {k for k in shapes if k not in mapped}
-  assert all(k.startswith(('layer4.', 'fc.')) or k.endswith('num_batches_tracked')
-             for k in ignored), sorted(ignored)[:5]
+  assert all(
+    k.startswith(('layer4.', 'fc.')) or k.endswith('num_batches_tracked') for k in ignored
+  ), sorted(ignored)[:5]
   # Every teacher variable comes from exactly one key, with the transposed shape.
   expected = jax.tree_util.tree_leaves(teacher.teacher_shapes(arch))
   assert len(entries) == len(expected) == len(mapped)
@@ -63,8 +63,7 @@ def test_port_maps_every_key_of_the_torchvision_manifest(arch):
 @pytest.mark.parametrize('arch', sorted(teacher.ARCH_SPECS))
 def test_feature_channels_match_the_manifest(arch):
   shapes = _manifest(arch)
-  last = {k: v for k, v in shapes.items() if k.endswith('bn3.weight') or
-          k.endswith('bn2.weight')}
+  last = {k: v for k, v in shapes.items() if k.endswith('bn3.weight') or k.endswith('bn2.weight')}
   for level, channels in enumerate(teacher.feature_channels(arch), start=1):
     outs = [v[0] for k, v in last.items() if k.startswith(f'layer{level}.')]
     assert max(outs) == channels
@@ -84,8 +83,11 @@ def test_port_errors_name_the_key_and_both_shapes():
   with pytest.raises(port.PortError, match=r"unexpected key 'layer3\.0\.extra\.weight'"):
     port.convert_state_dict('resnet18', bad)
   bad = dict(state, **{'layer1.0.conv1.weight': np.zeros((64, 64, 1, 1), np.float32)})
-  with pytest.raises(port.PortError, match=r"layer1\.0\.conv1\.weight.*\(64, 64, 1, 1\).*"
-                     r"\(64, 64, 3, 3\)"):
+  with pytest.raises(
+    port.PortError,
+    match=r'layer1\.0\.conv1\.weight.*\(64, 64, 1, 1\).*'
+    r'\(64, 64, 3, 3\)',
+  ):
     port.convert_state_dict('resnet18', bad)
   # A resnet18 state_dict is not a resnet50 one.
   with pytest.raises(port.PortError, match='resnet50'):
@@ -104,6 +106,7 @@ def test_port_ignores_layer4_fc_and_batch_counters():
 
 def test_cli_safetensors_and_pth_give_the_same_teacher(tmp_path, capsys):
   from safetensors.numpy import save_file
+
   torch = pytest.importorskip('torch')
   state = _resnet18_state()
   st = tmp_path / 'r18.safetensors'
@@ -111,15 +114,27 @@ def test_cli_safetensors_and_pth_give_the_same_teacher(tmp_path, capsys):
   pth = tmp_path / 'r18.pth'
   torch.save({k: torch.from_numpy(v) for k, v in state.items()}, str(pth))
   for src in (st, pth):
-    assert port.main(['--arch', 'resnet18', '--input', str(src),
-                      '--output', str(tmp_path / f'{src.suffix[1:]}.msgpack')]) == 0
+    assert (
+      port.main(
+        [
+          '--arch',
+          'resnet18',
+          '--input',
+          str(src),
+          '--output',
+          str(tmp_path / f'{src.suffix[1:]}.msgpack'),
+        ]
+      )
+      == 0
+    )
   assert 'wrote' in capsys.readouterr().out
   a = teacher.load_teacher('resnet18', str(tmp_path / 'safetensors.msgpack'))
   b = teacher.load_teacher('resnet18', str(tmp_path / 'pth.msgpack'))
   jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
   # The converted kernel is the transposed torch weight.
-  np.testing.assert_array_equal(a['params']['layer2_0']['conv1']['kernel'],
-                                state['layer2.0.conv1.weight'].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+    a['params']['layer2_0']['conv1']['kernel'], state['layer2.0.conv1.weight'].transpose(2, 3, 1, 0)
+  )
   np.testing.assert_array_equal(a['batch_stats']['bn1']['var'], state['bn1.running_var'])
   # The convenience API reads the same file and gives stride 4/8/16 features.
   images = np.random.default_rng(0).uniform(size=(2, 64, 48, 3)).astype(np.float32)
@@ -130,13 +145,15 @@ def test_cli_safetensors_and_pth_give_the_same_teacher(tmp_path, capsys):
     assert np.abs(np.asarray(f) - r).max() <= 1e-5 * np.abs(r).max()
 
 
-@pytest.mark.parametrize('content,suffix,match', [
+@pytest.mark.parametrize(
+  'content,suffix,match',
+  [
     (b'not a checkpoint at all', '.pth', 'not a readable PyTorch checkpoint'),
     (b'\x00\x01garbage', '.safetensors', 'not a readable .safetensors file'),
     (b'{}', '.json', 'unknown weight format'),
-])
-def test_cli_rejects_files_that_are_not_checkpoints(tmp_path, capsys, content, suffix,
-                                                    match):
+  ],
+)
+def test_cli_rejects_files_that_are_not_checkpoints(tmp_path, capsys, content, suffix, match):
   if suffix == '.pth':
     pytest.importorskip('torch')
   bad = tmp_path / f'bad{suffix}'
@@ -150,8 +167,9 @@ def test_cli_rejects_files_that_are_not_checkpoints(tmp_path, capsys, content, s
 
 def test_load_teacher_rejects_other_files_and_archs(tmp_path):
   path = tmp_path / 'r18.msgpack'
-  teacher.save_teacher(str(path), 'resnet18', port.convert_state_dict(
-      'resnet18', _resnet18_state()))
+  teacher.save_teacher(
+    str(path), 'resnet18', port.convert_state_dict('resnet18', _resnet18_state())
+  )
   with pytest.raises(ValueError, match="holds a 'resnet18' teacher.*'resnet34'"):
     teacher.load_teacher('resnet34', str(path))
   junk = tmp_path / 'junk.msgpack'

@@ -13,20 +13,21 @@ import jax
 import numpy as np
 import optax
 import pytest
+from conftest import tiny_config
 
-from msrd_jax import checkpoint
+from msrd_jax import checkpoint, train
 from msrd_jax import config as config_lib
 from msrd_jax import model as model_lib
 from msrd_jax import teacher as teacher_lib
-from msrd_jax import train
-from conftest import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _leaves(state) -> list[np.ndarray]:
-  return [np.asarray(x) for x in jax.tree_util.tree_leaves(
-      (state.params, state.batch_stats, state.opt_state))]
+  return [
+    np.asarray(x)
+    for x in jax.tree_util.tree_leaves((state.params, state.batch_stats, state.opt_state))
+  ]
 
 
 def _metrics(workdir) -> list[dict]:
@@ -65,11 +66,11 @@ def _crash_at(step_to_crash: int):
   def on_step(step):
     if step == step_to_crash:
       raise Crash(f'simulated crash after step {step}')
+
   return on_step
 
 
-def test_crashed_run_resumes_to_the_same_parameters(synthetic_root, uninterrupted,
-                                                    tmp_path):
+def test_crashed_run_resumes_to_the_same_parameters(synthetic_root, uninterrupted, tmp_path):
   _, reference = uninterrupted
   config = tiny_config(synthetic_root)
   with pytest.raises(Crash):
@@ -83,8 +84,7 @@ def test_crashed_run_resumes_to_the_same_parameters(synthetic_root, uninterrupte
   assert [r['step'] for r in _metrics(str(tmp_path))][-4:] == [3, 4, 5, 6]
 
 
-def test_interrupted_run_saves_its_last_step_and_resumes(synthetic_root, uninterrupted,
-                                                         tmp_path):
+def test_interrupted_run_saves_its_last_step_and_resumes(synthetic_root, uninterrupted, tmp_path):
   _, reference = uninterrupted
   config = tiny_config(synthetic_root)
 
@@ -101,32 +101,33 @@ def test_interrupted_run_saves_its_last_step_and_resumes(synthetic_root, uninter
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
-def test_incompatible_config_is_refused_and_checkpoint_kept(synthetic_root,
-                                                            uninterrupted):
+def test_incompatible_config_is_refused_and_checkpoint_kept(synthetic_root, uninterrupted):
   workdir, _ = uninterrupted
-  before = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(workdir)
-            for p in fs}
+  before = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(workdir) for p in fs}
   for field, value in (('model.fusion', 'mff'), ('model.backbone', 'resnet34')):
     config = tiny_config(synthetic_root, steps=8)
     section, name = field.split('.')
     config[section][name] = value
     with pytest.raises(checkpoint.CheckpointMismatch, match=field.replace('.', r'\.')):
       train.train(config, workdir)
-  after = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(workdir)
-           for p in fs}
+  after = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(workdir) for p in fs}
   assert before == after
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
-    synthetic_root, tmp_path, monkeypatch):
+  synthetic_root, tmp_path, monkeypatch
+):
   real = train.make_optimizer
 
   def poisoned(config):
     # Updates turn NaN from the 4th step (0-based step 3) on.
     def update(updates, state, params=None):
       bad = state >= 3
-      return (jax.tree_util.tree_map(lambda u: jax.numpy.where(bad, jax.numpy.nan, u),
-                                     updates), state + 1)
+      return (
+        jax.tree_util.tree_map(lambda u: jax.numpy.where(bad, jax.numpy.nan, u), updates),
+        state + 1,
+      )
+
     poison = optax.GradientTransformation(lambda p: jax.numpy.zeros((), 'int32'), update)
     return optax.chain(real(config), poison)
 
@@ -137,9 +138,11 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     assert wd.latest_step() == 2
     model = train.MSRD(tiny_config(synthetic_root))
     teacher_vars = train.load_teacher_variables(tiny_config(synthetic_root))
-    template = flax.serialization.to_state_dict(train.state_template(
-        model, poisoned(tiny_config(synthetic_root)), teacher_vars,
-        tiny_config(synthetic_root)))
+    template = flax.serialization.to_state_dict(
+      train.state_template(
+        model, poisoned(tiny_config(synthetic_root)), teacher_vars, tiny_config(synthetic_root)
+      )
+    )
     state, _ = wd.restore(template)
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state['params']))
 
@@ -210,10 +213,15 @@ PMAP_SCRIPT = textwrap.dedent('''
 
 
 def test_eight_devices_equal_one_device_with_the_same_global_batch():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             PYTHONPATH=ROOT)
-  out = subprocess.run([sys.executable, '-c', PMAP_SCRIPT], env=env, cwd=ROOT,
-                       capture_output=True, text=True, timeout=900)
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', PYTHONPATH=ROOT)
+  out = subprocess.run(
+    [sys.executable, '-c', PMAP_SCRIPT],
+    env=env,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert out.returncode == 0, out.stdout + out.stderr
   assert 'equivalent' in out.stdout
 

@@ -30,9 +30,16 @@ def test_save_examples_writes_png(tmp_path):
   rng = np.random.default_rng(0)
   images, masks, amaps, scores, labels = small_category(rng)
   path = tmp_path / 'examples.png'
-  visualize.save_examples(str(path), images, masks, amaps,
-                          [f'test/x/{i:03d}.png' for i in range(6)], scores, labels,
-                          max_rows=4)
+  visualize.save_examples(
+    str(path),
+    images,
+    masks,
+    amaps,
+    [f'test/x/{i:03d}.png' for i in range(6)],
+    scores,
+    labels,
+    max_rows=4,
+  )
   assert path.stat().st_size > 0
   width, height = read_png(path)
   assert width >= 500 and height >= 4 * 150  # 3 columns, 4 rows
@@ -73,8 +80,14 @@ def table_rows(table):
 def test_results_table_mvtec_layout_and_means():
   rng = np.random.default_rng(3)
   cats = list(MVTEC_TEXTURES + MVTEC_OBJECTS)
-  results = {c: {'image_auroc': rng.uniform(0.9, 1), 'pixel_auroc': rng.uniform(0.9, 1),
-                 'au_pro': rng.uniform(0.8, 1)} for c in sorted(cats)}
+  results = {
+    c: {
+      'image_auroc': rng.uniform(0.9, 1),
+      'pixel_auroc': rng.uniform(0.9, 1),
+      'au_pro': rng.uniform(0.8, 1),
+    }
+    for c in sorted(cats)
+  }
   table = visualize.results_table_markdown(results)
   lines = table.strip().splitlines()
   assert lines[0] == '| Category | Image AUROC | Pixel AUROC | AU-PRO |'
@@ -82,27 +95,35 @@ def test_results_table_mvtec_layout_and_means():
   # Textures first, then objects, in the usual order.
   assert list(rows)[:15] == cats
   for j, key in enumerate(['image_auroc', 'pixel_auroc', 'au_pro']):
-    assert rows['Mean'][j] == pytest.approx(100 * np.mean([results[c][key] for c in cats]),
-                                            abs=0.05)
+    assert rows['Mean'][j] == pytest.approx(
+      100 * np.mean([results[c][key] for c in cats]), abs=0.05
+    )
     # ... and within rounding of the mean of the printed rows.
     assert rows['Mean'][j] == pytest.approx(np.mean([rows[c][j] for c in cats]), abs=0.051)
     assert rows['Mean (Textures)'][j] == pytest.approx(
-        100 * np.mean([results[c][key] for c in MVTEC_TEXTURES]), abs=0.05)
+      100 * np.mean([results[c][key] for c in MVTEC_TEXTURES]), abs=0.05
+    )
     assert rows['Mean (Objects)'][j] == pytest.approx(
-        100 * np.mean([results[c][key] for c in MVTEC_OBJECTS]), abs=0.05)
+      100 * np.mean([results[c][key] for c in MVTEC_OBJECTS]), abs=0.05
+    )
   assert rows['carpet'][0] == pytest.approx(100 * results['carpet']['image_auroc'], abs=0.05)
 
 
 def test_results_table_other_names_and_missing_values():
-  results = {'zeta': {'image_auroc': 0.5, 'pixel_auroc': 0.7},
-             'alpha': {'image_auroc': 1.0, 'pixel_auroc': 0.9, 'au_pro': 0.8}}
+  results = {
+    'zeta': {'image_auroc': 0.5, 'pixel_auroc': 0.7},
+    'alpha': {'image_auroc': 1.0, 'pixel_auroc': 0.9, 'au_pro': 0.8},
+  }
   table = visualize.results_table_markdown(results)
   rows = table_rows(table)
   assert list(rows) == ['alpha', 'zeta', 'Mean']  # sorted, no group rows
   assert np.isnan(rows['zeta'][2])
   assert rows['Mean'] == [75.0, 80.0, 80.0]
-  rows = table_rows(visualize.results_table_markdown(
-      results, categories_order=['zeta', 'alpha'], groups={'g': ['zeta']}))
+  rows = table_rows(
+    visualize.results_table_markdown(
+      results, categories_order=['zeta', 'alpha'], groups={'g': ['zeta']}
+    )
+  )
   assert list(rows) == ['zeta', 'alpha', 'Mean (g)', 'Mean']
   assert rows['Mean (g)'][:2] == [50.0, 70.0]
   with pytest.raises(ValueError, match='without results'):
@@ -116,10 +137,12 @@ def test_heatmap_overlay_blends_jet_half_and_half():
   out = visualize.heatmap_overlay(image, amap, vmin=0.0, vmax=1.0)
   assert out.shape == (4, 4, 3) and out.dtype == np.uint8  # image resized to the map
   # jet's ends are dark blue (0, 0, 0.5) and dark red (0.5, 0, 0).
-  np.testing.assert_array_equal(out[1, 1], np.round(255 * (0.25 + 0.5 * np.array(
-      [0.0, 0.0, 0.5]))).astype(np.uint8))
-  np.testing.assert_array_equal(out[0, 0], np.round(255 * (0.25 + 0.5 * np.array(
-      [0.5, 0.0, 0.0]))).astype(np.uint8))
+  np.testing.assert_array_equal(
+    out[1, 1], np.round(255 * (0.25 + 0.5 * np.array([0.0, 0.0, 0.5]))).astype(np.uint8)
+  )
+  np.testing.assert_array_equal(
+    out[0, 0], np.round(255 * (0.25 + 0.5 * np.array([0.5, 0.0, 0.0]))).astype(np.uint8)
+  )
   # uint8 images give the same blend as their float version.
   as_uint8 = visualize.heatmap_overlay(np.full((4, 4, 3), 128, np.uint8), amap, 0.0, 1.0)
   assert np.abs(as_uint8.astype(int) - out.astype(int)).max() <= 1

@@ -11,11 +11,15 @@ from __future__ import annotations
 import os
 
 from msrd_jax.data.errors import DataError
-from msrd_jax.data.folder import (IMAGE_EXTENSIONS, MVTEC_CATEGORIES,
-                                  MVTEC_OBJECTS, MVTEC_TEXTURES, Sample,
-                                  list_mvtec)
-from msrd_jax.data.images import (load_image, load_mask, resize_image,
-                                  resize_mask)
+from msrd_jax.data.folder import (
+  IMAGE_EXTENSIONS,
+  MVTEC_CATEGORIES,
+  MVTEC_OBJECTS,
+  MVTEC_TEXTURES,
+  Sample,
+  list_mvtec,
+)
+from msrd_jax.data.images import load_image, load_mask, resize_image, resize_mask
 from msrd_jax.data.pipeline import EvalLoader, TrainLoader, shard_batch
 from msrd_jax.data.visa import list_visa
 
@@ -27,12 +31,12 @@ def __getattr__(name: str):
   # the module already imported by this package.
   if name == 'ensure_synthetic':
     from msrd_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+
     return synthetic.ensure_synthetic
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
-def list_samples(dataset: str, root: str | os.PathLike, category: str,
-                 split: str) -> list[Sample]:
+def list_samples(dataset: str, root: str | os.PathLike, category: str, split: str) -> list[Sample]:
   """Lists a split of a category.
 
   Args:
@@ -55,9 +59,22 @@ def list_samples(dataset: str, root: str | os.PathLike, category: str,
 
 
 __all__ = [
-    'DATASETS', 'DataError', 'EvalLoader', 'IMAGE_EXTENSIONS',
-    'MVTEC_CATEGORIES', 'MVTEC_OBJECTS', 'MVTEC_TEXTURES', 'Sample',
-    'TrainLoader', 'ensure_synthetic', 'list_mvtec', 'list_samples',
-    'list_visa', 'load_image', 'load_mask', 'resize_image', 'resize_mask',
-    'shard_batch',
+  'DATASETS',
+  'DataError',
+  'EvalLoader',
+  'IMAGE_EXTENSIONS',
+  'MVTEC_CATEGORIES',
+  'MVTEC_OBJECTS',
+  'MVTEC_TEXTURES',
+  'Sample',
+  'TrainLoader',
+  'ensure_synthetic',
+  'list_mvtec',
+  'list_samples',
+  'list_visa',
+  'load_image',
+  'load_mask',
+  'resize_image',
+  'resize_mask',
+  'shard_batch',
 ]

@@ -32,8 +32,18 @@ import os
 from msrd_jax.data.errors import DataError
 
 MVTEC_TEXTURES = ('carpet', 'grid', 'leather', 'tile', 'wood')
-MVTEC_OBJECTS = ('bottle', 'cable', 'capsule', 'hazelnut', 'metal_nut', 'pill',
-                 'screw', 'toothbrush', 'transistor', 'zipper')
+MVTEC_OBJECTS = (
+  'bottle',
+  'cable',
+  'capsule',
+  'hazelnut',
+  'metal_nut',
+  'pill',
+  'screw',
+  'toothbrush',
+  'transistor',
+  'zipper',
+)
 MVTEC_CATEGORIES = tuple(sorted(MVTEC_TEXTURES + MVTEC_OBJECTS))
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
@@ -59,6 +69,7 @@ class Sample:
   name: the path relative to the category folder, with '/' separators (e.g.
     'test/crack/000.png'); unique within a category.
   """
+
   image_path: str
   mask_path: str | None
   label: int
@@ -104,9 +115,10 @@ def _describe(folder: str, depth: int = 2, limit: int = 12) -> str:
 
 def _layout_error(category_dir: str, problem: str) -> DataError:
   return DataError(
-      f'{category_dir} is not in the MVTec AD folder layout: {problem}.\n'
-      f'Expected:\n{EXPECTED_TREE}\nFound in {category_dir}:\n'
-      f'{_describe(category_dir)}')
+    f'{category_dir} is not in the MVTec AD folder layout: {problem}.\n'
+    f'Expected:\n{EXPECTED_TREE}\nFound in {category_dir}:\n'
+    f'{_describe(category_dir)}'
+  )
 
 
 def _list_images(folder: str) -> list[str]:
@@ -116,13 +128,15 @@ def _list_images(folder: str) -> list[str]:
     full = os.path.join(folder, e)
     if os.path.isdir(full):
       raise DataError(
-          f'{full} is a folder inside the image folder {folder}; image folders '
-          'must hold only image files.')
+        f'{full} is a folder inside the image folder {folder}; image folders '
+        'must hold only image files.'
+      )
     if not is_image_file(e):
       raise DataError(
-          f'{full} is not an image file (accepted extensions: '
-          f'{", ".join(IMAGE_EXTENSIONS)}, any case); remove it or move it '
-          f'out of {folder}.')
+        f'{full} is not an image file (accepted extensions: '
+        f'{", ".join(IMAGE_EXTENSIONS)}, any case); remove it or move it '
+        f'out of {folder}.'
+      )
     names.append(e)
   return names
 
@@ -134,15 +148,17 @@ def find_category_dir(root: str | os.PathLike, category: str) -> str:
     raise DataError(f'data root {root} does not exist or is not a folder')
   category_dir = os.path.join(root, category)
   if not os.path.isdir(category_dir):
-    found = [e for e in _visible_entries(root)
-             if os.path.isdir(os.path.join(root, e))]
+    found = [e for e in _visible_entries(root) if os.path.isdir(os.path.join(root, e))]
     hint = ''
     if {'train', 'test'} & set(found):
-      hint = (f'\n{root} looks like a category folder itself; pass its parent '
-              f'as the root and {os.path.basename(root)!r} as the category.')
+      hint = (
+        f'\n{root} looks like a category folder itself; pass its parent '
+        f'as the root and {os.path.basename(root)!r} as the category.'
+      )
     raise DataError(
-        f'category folder {category_dir} does not exist. Categories found '
-        f'under {root}: {", ".join(found) if found else "(none)"}.{hint}')
+      f'category folder {category_dir} does not exist. Categories found '
+      f'under {root}: {", ".join(found) if found else "(none)"}.{hint}'
+    )
   return category_dir
 
 
@@ -153,28 +169,27 @@ def _good_name(category_dir: str) -> str:
   for name in _GOOD_NAMES:
     if os.path.isdir(os.path.join(train, name)):
       return name
-  raise _layout_error(
-      category_dir, f'there is no folder {os.path.join(train, "good")}')
+  raise _layout_error(category_dir, f'there is no folder {os.path.join(train, "good")}')
 
 
-def _find_mask(gt_dir: str, gt_files: dict[str, list[str]], stem: str,
-               image_path: str) -> str:
+def _find_mask(gt_dir: str, gt_files: dict[str, list[str]], stem: str, image_path: str) -> str:
   """The mask file of one defective image (see the module docstring)."""
   for key in (stem + '_mask', stem):
     candidates = gt_files.get(key, [])
     if len(candidates) > 1:
       raise DataError(
-          f'the image {image_path} has several candidate masks: '
-          f'{", ".join(os.path.join(gt_dir, c) for c in candidates)}')
+        f'the image {image_path} has several candidate masks: '
+        f'{", ".join(os.path.join(gt_dir, c) for c in candidates)}'
+      )
     if candidates:
       return os.path.join(gt_dir, candidates[0])
   raise DataError(
-      f'the defective test image {image_path} has no mask; expected '
-      f'{os.path.join(gt_dir, stem + "_mask.png")}')
+    f'the defective test image {image_path} has no mask; expected '
+    f'{os.path.join(gt_dir, stem + "_mask.png")}'
+  )
 
 
-def list_mvtec(root: str | os.PathLike, category: str,
-               split: str) -> list[Sample]:
+def list_mvtec(root: str | os.PathLike, category: str, split: str) -> list[Sample]:
   """Lists one split of one category in the MVTec AD folder layout.
 
   Args:
@@ -196,12 +211,12 @@ def list_mvtec(root: str | os.PathLike, category: str,
   if split == 'train':
     folder = os.path.join(category_dir, 'train', good)
     for name in _list_images(folder):
-      samples.append(Sample(os.path.join(folder, name), None, 0, good,
-                            f'train/{good}/{name}'))
+      samples.append(Sample(os.path.join(folder, name), None, 0, good, f'train/{good}/{name}'))
     if not samples:
       raise DataError(
-          f'the training folder {folder} holds no images (accepted '
-          f'extensions: {", ".join(IMAGE_EXTENSIONS)}).')
+        f'the training folder {folder} holds no images (accepted '
+        f'extensions: {", ".join(IMAGE_EXTENSIONS)}).'
+      )
     return samples
 
   test_dir = os.path.join(category_dir, 'test')
@@ -211,8 +226,10 @@ def list_mvtec(root: str | os.PathLike, category: str,
   for e in _visible_entries(test_dir):
     if not os.path.isdir(os.path.join(test_dir, e)):
       raise _layout_error(
-          category_dir, f'{os.path.join(test_dir, e)} is a file; test images '
-          'go in test/<defect type>/ folders (test/good/ for normal ones)')
+        category_dir,
+        f'{os.path.join(test_dir, e)} is a file; test images '
+        'go in test/<defect type>/ folders (test/good/ for normal ones)',
+      )
     defect_types.append(e)
   if not defect_types:
     raise _layout_error(category_dir, f'{test_dir} has no defect-type folders')
@@ -222,24 +239,20 @@ def list_mvtec(root: str | os.PathLike, category: str,
     if not names:
       raise DataError(f'the test folder {folder} holds no images')
     if defect == good:
-      samples.extend(Sample(os.path.join(folder, n), None, 0, defect,
-                            f'test/{defect}/{n}') for n in names)
+      samples.extend(
+        Sample(os.path.join(folder, n), None, 0, defect, f'test/{defect}/{n}') for n in names
+      )
       continue
     gt_dir = os.path.join(category_dir, 'ground_truth', defect)
     if not os.path.isdir(gt_dir):
-      raise _layout_error(
-          category_dir, f'the defect type {defect!r} has no mask folder '
-          f'{gt_dir}')
+      raise _layout_error(category_dir, f'the defect type {defect!r} has no mask folder {gt_dir}')
     gt_files: dict[str, list[str]] = {}
     for g in _visible_entries(gt_dir):
       if is_image_file(g):
         gt_files.setdefault(os.path.splitext(g)[0], []).append(g)
     for n in names:
       image_path = os.path.join(folder, n)
-      mask_path = _find_mask(gt_dir, gt_files, os.path.splitext(n)[0],
-                             image_path)
-      samples.append(Sample(image_path, mask_path, 1, defect,
-                            f'test/{defect}/{n}'))
-  samples.sort(
-      key=lambda s: (s.defect_type, os.path.basename(s.image_path), s.name))
+      mask_path = _find_mask(gt_dir, gt_files, os.path.splitext(n)[0], image_path)
+      samples.append(Sample(image_path, mask_path, 1, defect, f'test/{defect}/{n}'))
+  samples.sort(key=lambda s: (s.defect_type, os.path.basename(s.image_path), s.name))
   return samples

@@ -34,8 +34,8 @@ import dataclasses
 import os
 
 import numpy as np
-from PIL import Image
 import tifffile
+from PIL import Image
 
 from msrd_jax.data.errors import DataError
 
@@ -54,18 +54,24 @@ class _Decoded:
   lossy: the file went through lossy compression (JPEG), so its zeros are not
     exact.
   """
+
   array: np.ndarray
   full_scale: float
   lossy: bool
 
 
 def _decode_pil(path: str, head: bytes) -> _Decoded:
-  if (head.startswith(_PNG_SIGNATURE) and len(head) >= 26 and head[24] == 16
-      and head[25] in _PNG_COLOUR_TYPES):
+  if (
+    head.startswith(_PNG_SIGNATURE)
+    and len(head) >= 26
+    and head[24] == 16
+    and head[25] in _PNG_COLOUR_TYPES
+  ):
     raise DataError(
-        f'{path} is a 16-bit {_PNG_COLOUR_TYPES[head[25]]} PNG, which PIL can '
-        'only decode by truncating it to 8 bits; save it as a 16-bit TIFF '
-        '(read exactly) or as an 8-bit PNG.')
+      f'{path} is a 16-bit {_PNG_COLOUR_TYPES[head[25]]} PNG, which PIL can '
+      'only decode by truncating it to 8 bits; save it as a 16-bit TIFF '
+      '(read exactly) or as an 8-bit PNG.'
+    )
   try:
     with Image.open(path) as im:
       im.load()  # decode now, so that truncation raises here
@@ -88,12 +94,12 @@ def _decode_pil(path: str, head: bytes) -> _Decoded:
         arr = np.asarray(im.convert('RGB'))
         full_scale = 255.0
   except Exception as e:  # PIL raises many types for corrupt files
-    raise DataError(
-        f'cannot decode image file {path}: {type(e).__name__}: {e}') from e
+    raise DataError(f'cannot decode image file {path}: {type(e).__name__}: {e}') from e
   if mode == 'I' and arr.size and (arr.min() < 0 or arr.max() > 65535):
     raise DataError(
-        f'{path} has 32-bit integer samples in [{arr.min()}, {arr.max()}]; '
-        'expected 8-bit or 16-bit samples.')
+      f'{path} has 32-bit integer samples in [{arr.min()}, {arr.max()}]; '
+      'expected 8-bit or 16-bit samples.'
+    )
   return _Decoded(arr, full_scale, lossy)
 
 
@@ -105,14 +111,14 @@ def _decode_tiff(path: str) -> _Decoded:
       arr = series.asarray()
       compression = str(tif.pages[0].compression)
   except Exception as e:  # tifffile raises several types for corrupt files
-    raise DataError(
-        f'cannot decode TIFF file {path}: {type(e).__name__}: {e}') from e
+    raise DataError(f'cannot decode TIFF file {path}: {type(e).__name__}: {e}') from e
   if axes in ('SYX', 'CYX') and arr.shape[0] <= 4:
     arr = np.moveaxis(arr, 0, -1)
   elif axes not in ('YX', 'YXS', 'YXC'):
     raise DataError(
-        f'{path} is a TIFF with axes {axes!r} and shape {arr.shape}; '
-        'expected a single 2-D image (axes YX, YXS or SYX).')
+      f'{path} is a TIFF with axes {axes!r} and shape {arr.shape}; '
+      'expected a single 2-D image (axes YX, YXS or SYX).'
+    )
   if arr.dtype == np.uint8:
     full_scale = 255.0
   elif arr.dtype == np.uint16:
@@ -123,8 +129,8 @@ def _decode_tiff(path: str) -> _Decoded:
     full_scale = 1.0
   else:
     raise DataError(
-        f'{path} is a TIFF with {arr.dtype} samples; expected uint8, uint16, '
-        'bool or float in [0, 1].')
+      f'{path} is a TIFF with {arr.dtype} samples; expected uint8, uint16, bool or float in [0, 1].'
+    )
   return _Decoded(arr, full_scale, 'JPEG' in compression.upper())
 
 
@@ -150,8 +156,8 @@ def _colour_channels(arr: np.ndarray, path: str) -> np.ndarray:
     arr = arr[..., None]
   if arr.ndim != 3 or arr.shape[-1] not in (1, 2, 3, 4):
     raise DataError(
-        f'{path} decodes to shape {arr.shape}; expected (H, W) or (H, W, C) '
-        'with C in 1..4.')
+      f'{path} decodes to shape {arr.shape}; expected (H, W) or (H, W, C) with C in 1..4.'
+    )
   if arr.shape[-1] <= 2:  # gray or gray+alpha
     return np.repeat(arr[..., :1], 3, axis=-1)
   return arr[..., :3]
@@ -179,9 +185,7 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
   elif arr.dtype.kind == 'f':
     lo, hi = float(out.min()), float(out.max())
     if lo < -1e-6 or hi > 1 + 1e-6 or not np.isfinite(out).all():
-      raise DataError(
-          f'{path} holds float samples in [{lo}, {hi}]; expected values in '
-          '[0, 1].')
+      raise DataError(f'{path} holds float samples in [{lo}, {hi}]; expected values in [0, 1].')
     np.clip(out, 0.0, 1.0, out=out)
   return out
 
@@ -208,8 +212,7 @@ def load_mask(path: str | os.PathLike) -> np.ndarray:
   if arr.ndim == 3:
     arr = arr[..., :3].max(axis=-1) if arr.shape[-1] >= 3 else arr[..., 0]
   if arr.ndim != 2:
-    raise DataError(f'mask {path} decodes to shape {dec.array.shape}; expected '
-                    'a 2-D image.')
+    raise DataError(f'mask {path} decodes to shape {dec.array.shape}; expected a 2-D image.')
   if arr.dtype.kind == 'f':
     return arr > 0.5
   if dec.lossy:
@@ -239,8 +242,7 @@ def resize_image(img: np.ndarray, size: int) -> np.ndarray:
   planes = np.ascontiguousarray(np.moveaxis(img, -1, 0))
   out = np.empty((size, size, img.shape[-1]), np.float32)
   for c, plane in enumerate(planes):
-    resized = Image.fromarray(plane).resize((size, size),
-                                             Image.Resampling.BILINEAR)
+    resized = Image.fromarray(plane).resize((size, size), Image.Resampling.BILINEAR)
     out[..., c] = np.asarray(resized)
   return out
 

@@ -14,14 +14,14 @@ import concurrent.futures
 import math
 import os
 import threading
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from msrd_jax.data.errors import DataError
 from msrd_jax.data.folder import Sample
-from msrd_jax.data.images import (load_image, load_mask, resize_image,
-                                  resize_mask)
+from msrd_jax.data.images import load_image, load_mask, resize_image, resize_mask
 
 _THREAD_PREFIX = 'msrd_data'
 
@@ -47,17 +47,22 @@ class _PrefetchIterator:
   finish(spec, buffers) -> the batch to yield.
   """
 
-  def __init__(self, plan: Iterator[Any],
-               start: Callable[[Any], tuple[Any, list[Callable[[], None]]]],
-               finish: Callable[[Any, Any], Any], num_threads: int,
-               prefetch: int):
+  def __init__(
+    self,
+    plan: Iterator[Any],
+    start: Callable[[Any], tuple[Any, list[Callable[[], None]]]],
+    finish: Callable[[Any, Any], Any],
+    num_threads: int,
+    prefetch: int,
+  ):
     self._plan = plan
     self._start = start
     self._finish = finish
     self._ahead = prefetch + 1
     self._pending: collections.deque = collections.deque()
     self._pool = concurrent.futures.ThreadPoolExecutor(
-        max_workers=num_threads, thread_name_prefix=_THREAD_PREFIX)
+      max_workers=num_threads, thread_name_prefix=_THREAD_PREFIX
+    )
     self._closed = False
     self._exhausted = False
 
@@ -102,8 +107,7 @@ class _PrefetchIterator:
         f.cancel()
     self._pending.clear()
     # Never join from a pool thread (a __del__ may run there).
-    wait = wait and not threading.current_thread().name.startswith(
-        _THREAD_PREFIX)
+    wait = wait and not threading.current_thread().name.startswith(_THREAD_PREFIX)
     self._pool.shutdown(wait=wait, cancel_futures=True)
 
   def __enter__(self):
@@ -144,23 +148,31 @@ class TrainLoader:
   thrash to ~0 when the data set does not fit).
   """
 
-  def __init__(self, samples: Sequence[Sample | str], image_size: int,
-               global_batch_size: int, seed: int, num_local_devices: int = 1,
-               process_index: int = 0, process_count: int = 1,
-               num_threads: int = 8, prefetch: int = 2,
-               cache_bytes: int = 4 * 2**30):
+  def __init__(
+    self,
+    samples: Sequence[Sample | str],
+    image_size: int,
+    global_batch_size: int,
+    seed: int,
+    num_local_devices: int = 1,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_threads: int = 8,
+    prefetch: int = 2,
+    cache_bytes: int = 4 * 2**30,
+  ):
     """Args:
-      samples: the training images (Samples or paths), in a fixed order that
-        every process shares.
-      image_size: the side S of the square output images.
-      global_batch_size: B, summed over all processes and devices.
-      seed: the seed of the epoch permutations.
-      num_local_devices: devices of this process; B must divide by
-        process_count * num_local_devices.
-      process_index, process_count: this process and the number of processes.
-      num_threads: decoding threads.
-      prefetch: batches prepared ahead of the one being consumed.
-      cache_bytes: memory for decoded, resized images.
+    samples: the training images (Samples or paths), in a fixed order that
+      every process shares.
+    image_size: the side S of the square output images.
+    global_batch_size: B, summed over all processes and devices.
+    seed: the seed of the epoch permutations.
+    num_local_devices: devices of this process; B must divide by
+      process_count * num_local_devices.
+    process_index, process_count: this process and the number of processes.
+    num_threads: decoding threads.
+    prefetch: batches prepared ahead of the one being consumed.
+    cache_bytes: memory for decoded, resized images.
     """
     self._paths = [_image_path(s) for s in samples]
     if not self._paths:
@@ -168,17 +180,16 @@ class TrainLoader:
     if image_size < 1:
       raise DataError(f'image_size must be >= 1, got {image_size}')
     if process_count < 1 or not 0 <= process_index < process_count:
-      raise DataError(f'process_index {process_index} is not in '
-                      f'[0, process_count={process_count})')
+      raise DataError(f'process_index {process_index} is not in [0, process_count={process_count})')
     if num_local_devices < 1:
-      raise DataError(f'num_local_devices must be >= 1, got '
-                      f'{num_local_devices}')
+      raise DataError(f'num_local_devices must be >= 1, got {num_local_devices}')
     shards = process_count * num_local_devices
     if global_batch_size < 1 or global_batch_size % shards:
       raise DataError(
-          f'the global batch size {global_batch_size} must be a positive '
-          f'multiple of process_count * num_local_devices = {process_count} '
-          f'* {num_local_devices} = {shards}')
+        f'the global batch size {global_batch_size} must be a positive '
+        f'multiple of process_count * num_local_devices = {process_count} '
+        f'* {num_local_devices} = {shards}'
+      )
     _check_threads(num_threads, prefetch)
     self.image_size = int(image_size)
     self.global_batch_size = int(global_batch_size)
@@ -205,8 +216,7 @@ class TrainLoader:
     return math.ceil(self.num_samples / self.global_batch_size)
 
   def _permutation(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng([self.seed, epoch]).permutation(
-        self.num_samples)
+    return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
 
   def batch_indices(self, step: int) -> np.ndarray:
     """(B_local,) int64: indices into `samples` of this process's rows at
@@ -214,8 +224,7 @@ class TrainLoader:
     if step < 0:
       raise DataError(f'step must be >= 0, got {step}')
     n = self.num_samples
-    first = step * self.global_batch_size + (
-        self.process_index * self.local_batch_size)
+    first = step * self.global_batch_size + (self.process_index * self.local_batch_size)
     positions = np.arange(first, first + self.local_batch_size)
     epochs, offsets = np.divmod(positions, n)
     out = np.empty_like(positions)
@@ -265,6 +274,7 @@ class TrainLoader:
       def job(row, index):
         def run():
           out[row] = self._load(index)
+
         return run
 
       return out, [job(r, int(i)) for r, i in enumerate(indices)]
@@ -272,8 +282,7 @@ class TrainLoader:
     def finish(spec, out):
       return {'image': out, 'step': spec[0]}
 
-    return _PrefetchIterator(plan(), start, finish, self.num_threads,
-                             self.prefetch)
+    return _PrefetchIterator(plan(), start, finish, self.num_threads, self.prefetch)
 
   def __iter__(self):
     return self.iterate(0)
@@ -286,16 +295,22 @@ class EvalLoader:
   are zeros with valid=False.
   """
 
-  def __init__(self, samples: Sequence[Sample], image_size: int,
-               batch_size: int, resolution: int | None = None,
-               num_threads: int = 8, prefetch: int = 2):
+  def __init__(
+    self,
+    samples: Sequence[Sample],
+    image_size: int,
+    batch_size: int,
+    resolution: int | None = None,
+    num_threads: int = 8,
+    prefetch: int = 2,
+  ):
     """Args:
-      samples: the test samples (from `list_samples`).
-      image_size: the side S of the images.
-      batch_size: rows per batch.
-      resolution: the side R of the masks; None means image_size.
-      num_threads: decoding threads.
-      prefetch: batches prepared ahead.
+    samples: the test samples (from `list_samples`).
+    image_size: the side S of the images.
+    batch_size: rows per batch.
+    resolution: the side R of the masks; None means image_size.
+    num_threads: decoding threads.
+    prefetch: batches prepared ahead.
     """
     self.samples = list(samples)
     if not self.samples:
@@ -317,8 +332,7 @@ class EvalLoader:
     """The number of batches, ceil(num_samples / batch_size)."""
     return math.ceil(len(self.samples) / self.batch_size)
 
-  def _load_row(self, sample: Sample, images: np.ndarray, masks: np.ndarray,
-                row: int):
+  def _load_row(self, sample: Sample, images: np.ndarray, masks: np.ndarray, row: int):
     path = sample.image_path
     try:
       img = load_image(path)
@@ -327,9 +341,10 @@ class EvalLoader:
         mask = load_mask(path)
         if mask.shape != img.shape[:2]:
           raise DataError(
-              f'the mask {sample.mask_path} is {mask.shape[1]}x{mask.shape[0]}'
-              f' (WxH) but its image {sample.image_path} is '
-              f'{img.shape[1]}x{img.shape[0]}')
+            f'the mask {sample.mask_path} is {mask.shape[1]}x{mask.shape[0]}'
+            f' (WxH) but its image {sample.image_path} is '
+            f'{img.shape[1]}x{img.shape[0]}'
+          )
         masks[row] = resize_mask(mask, self.resolution)
       path = sample.image_path
       images[row] = resize_image(img, self.image_size)
@@ -350,7 +365,7 @@ class EvalLoader:
 
     def plan():
       for first in range(0, len(self.samples), b):
-        yield self.samples[first:first + b]
+        yield self.samples[first : first + b]
 
     def start(chunk):
       images = np.zeros((b, s, s, 3), np.float32)
@@ -368,16 +383,15 @@ class EvalLoader:
       label = np.zeros((b,), np.int32)
       label[:n] = [x.label for x in chunk]
       return {
-          'image': images,
-          'mask': masks,
-          'label': label,
-          'defect_type': [x.defect_type for x in chunk] + pad,
-          'name': [x.name for x in chunk] + pad,
-          'valid': np.arange(b) < n,
+        'image': images,
+        'mask': masks,
+        'label': label,
+        'defect_type': [x.defect_type for x in chunk] + pad,
+        'name': [x.name for x in chunk] + pad,
+        'valid': np.arange(b) < n,
       }
 
-    return _PrefetchIterator(plan(), start, finish, self.num_threads,
-                             self.prefetch)
+    return _PrefetchIterator(plan(), start, finish, self.num_threads, self.prefetch)
 
 
 def shard_batch(array: Any, num_devices: int) -> Any:
@@ -392,6 +406,5 @@ def shard_batch(array: Any, num_devices: int) -> Any:
   """
   b = array.shape[0]
   if num_devices < 1 or b % num_devices:
-    raise DataError(f'a batch of {b} rows cannot be split evenly across '
-                    f'{num_devices} devices')
+    raise DataError(f'a batch of {b} rows cannot be split evenly across {num_devices} devices')
   return array.reshape((num_devices, b // num_devices) + tuple(array.shape[1:]))

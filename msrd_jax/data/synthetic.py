@@ -42,13 +42,13 @@ import sys
 import tempfile
 import time
 import zlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
-from scipy import ndimage
 import skimage.color
 import skimage.data
+from PIL import Image
+from scipy import ndimage
 
 from msrd_jax.data.errors import DataError
 
@@ -67,10 +67,10 @@ ENFORCED_CHANGE = 16
 
 # Dark and light ends of the colour ramp of each grayscale source.
 _PALETTES = {
-    'brick': ((0.22, 0.07, 0.04), (0.98, 0.62, 0.45)),
-    'grass': ((0.04, 0.12, 0.02), (0.72, 0.92, 0.42)),
-    'gravel': ((0.10, 0.09, 0.09), (0.92, 0.88, 0.80)),
-    'coins': ((0.03, 0.03, 0.04), (0.97, 0.93, 0.84)),
+  'brick': ((0.22, 0.07, 0.04), (0.98, 0.62, 0.45)),
+  'grass': ((0.04, 0.12, 0.02), (0.72, 0.92, 0.42)),
+  'gravel': ((0.10, 0.09, 0.09), (0.92, 0.88, 0.80)),
+  'coins': ((0.03, 0.03, 0.04), (0.97, 0.93, 0.84)),
 }
 # Brick courses are horizontal in every normal image; the others are isotropic.
 _ROTATIONS = {'brick': (0, 2), 'grass': (0, 1, 2, 3), 'gravel': (0, 1, 2, 3)}
@@ -124,27 +124,23 @@ def _to_u8(img: np.ndarray) -> np.ndarray:
   return np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
 
 
-def _texture(category: str, rng: np.random.Generator,
-             sources: Sources) -> np.ndarray:
+def _texture(category: str, rng: np.random.Generator, sources: Sources) -> np.ndarray:
   """A normal texture image, (S, S, 3) uint8."""
   src = sources.gray(category)
   s = IMAGE_SIZE
-  y, x = rng.integers(0, src.shape[0] - s + 1), rng.integers(
-      0, src.shape[1] - s + 1)
-  crop = src[y:y + s, x:x + s]
+  y, x = rng.integers(0, src.shape[0] - s + 1), rng.integers(0, src.shape[1] - s + 1)
+  crop = src[y : y + s, x : x + s]
   crop = np.rot90(crop, rng.choice(_ROTATIONS[category]))
   if rng.random() < 0.5:
     crop = crop[:, ::-1]
   mean = crop.mean()
-  crop = (crop - mean) * rng.uniform(0.88, 1.12) + mean + rng.uniform(
-      -0.04, 0.04)
+  crop = (crop - mean) * rng.uniform(0.88, 1.12) + mean + rng.uniform(-0.04, 0.04)
   img = _colourize(crop, _PALETTES[category], 1 + rng.normal(0, 0.02, 3))
   img = img + rng.normal(0, 1.5 / 255, img.shape)
   return _to_u8(img)
 
 
-def _object(category: str, rng: np.random.Generator,
-            sources: Sources) -> np.ndarray:
+def _object(category: str, rng: np.random.Generator, sources: Sources) -> np.ndarray:
   """A normal, roughly aligned object image, (S, S, 3) uint8."""
   src = sources.object(category)
   s = IMAGE_SIZE
@@ -156,43 +152,38 @@ def _object(category: str, rng: np.random.Generator,
   cos, sin = math.cos(theta), math.sin(theta)
   sy = (sin * u + cos * v) * scale + (length - 1) / 2 + shift[0]
   sx = (cos * u - sin * v) * scale + (length - 1) / 2 + shift[1]
-  img = np.stack([
-      ndimage.map_coordinates(src[..., c], (sy, sx), order=1, mode='reflect')
-      for c in range(3)
-  ], axis=-1)
+  img = np.stack(
+    [ndimage.map_coordinates(src[..., c], (sy, sx), order=1, mode='reflect') for c in range(3)],
+    axis=-1,
+  )
   # Illumination: a global gain, a gentle gradient, a colour temperature.
   angle = rng.uniform(0, 2 * math.pi)
   ramp = (math.cos(angle) * u + math.sin(angle) * v) / s
   img = img * (rng.uniform(0.9, 1.1) + rng.uniform(0, 0.08) * ramp)[..., None]
-  img = img * (1 + rng.normal(0, 0.015, 3)) + rng.normal(0, 1.5 / 255,
-                                                          img.shape)
+  img = img * (1 + rng.normal(0, 0.015, 3)) + rng.normal(0, 1.5 / 255, img.shape)
   return _to_u8(img)
 
 
-def _normal(category: str, rng: np.random.Generator,
-            sources: Sources) -> np.ndarray:
+def _normal(category: str, rng: np.random.Generator, sources: Sources) -> np.ndarray:
   if category in TEXTURE_CATEGORIES:
     return _texture(category, rng, sources)
   return _object(category, rng, sources)
 
 
-def _defect_centre(category: str, rng: np.random.Generator,
-                   margin: float) -> np.ndarray:
+def _defect_centre(category: str, rng: np.random.Generator, margin: float) -> np.ndarray:
   lo, hi = _DEFECT_BOX.get(category, (margin, IMAGE_SIZE - margin))
   lo, hi = max(lo, margin), min(hi, IMAGE_SIZE - margin)
   return rng.uniform(lo, hi, 2)
 
 
-def _blob(rng: np.random.Generator, centre: np.ndarray,
-          radius: float) -> np.ndarray:
+def _blob(rng: np.random.Generator, centre: np.ndarray, radius: float) -> np.ndarray:
   """(S, S) bool irregular blob: a disc with a random smooth boundary."""
   v, u = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32)
   dy, dx = v - centre[0], u - centre[1]
   angle = np.arctan2(dy, dx)
   boundary = np.ones_like(angle)
   for k in range(2, 6):
-    boundary += rng.uniform(0, 0.22) / (k / 2) * np.cos(
-        k * angle + rng.uniform(0, 2 * math.pi))
+    boundary += rng.uniform(0, 0.22) / (k / 2) * np.cos(k * angle + rng.uniform(0, 2 * math.pi))
   return np.hypot(dy, dx) <= radius * boundary
 
 
@@ -212,11 +203,9 @@ def _scratch(img, rng, centre, category, sources):
   p0 = centre - direction * length / 2
   p3 = centre + direction * length / 2
   p1 = p0 + direction * length / 3 + normal * rng.uniform(-0.35, 0.35) * length
-  p2 = p0 + 2 * direction * length / 3 + normal * rng.uniform(-0.35,
-                                                             0.35) * length
+  p2 = p0 + 2 * direction * length / 3 + normal * rng.uniform(-0.35, 0.35) * length
   t = np.linspace(0, 1, 600)[:, None]
-  points = ((1 - t)**3 * p0 + 3 * (1 - t)**2 * t * p1 + 3 * (1 - t) * t**2 * p2
-            + t**3 * p3)
+  points = (1 - t) ** 3 * p0 + 3 * (1 - t) ** 2 * t * p1 + 3 * (1 - t) * t**2 * p2 + t**3 * p3
   points = np.round(points).astype(int)
   points = points[((points >= 0) & (points < IMAGE_SIZE)).all(axis=1)]
   line = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
@@ -264,7 +253,7 @@ def _misplaced(img, rng, centre, category, sources):
     # Zoomed in, so that its structure differs in scale as well as in kind.
     side = s // 2
     y, x = rng.integers(0, src.shape[0] - side + 1, 2)
-    patch = ndimage.zoom(src[y:y + side, x:x + side], s / side, order=1)
+    patch = ndimage.zoom(src[y : y + side, x : x + side], s / side, order=1)
     patch = np.rot90(patch, rng.integers(4))
     patch = _colourize(patch, _PALETTES[category])
     # Same mean colour as the ground it replaces: the change is structural.
@@ -284,8 +273,7 @@ def _color(img, rng, centre, category, sources):
   del category, sources
   mask = _blob(rng, centre, rng.uniform(10, 22))
   hsv = skimage.color.rgb2hsv(np.clip(img, 0, 1))
-  hsv[..., 0] = (hsv[..., 0] + rng.uniform(0.15, 0.4) * rng.choice(
-      (-1, 1))) % 1.0
+  hsv[..., 0] = (hsv[..., 0] + rng.uniform(0.15, 0.4) * rng.choice((-1, 1))) % 1.0
   hsv[..., 1] = np.clip(hsv[..., 1] * 1.2 + 0.15, 0, 1)
   shifted = skimage.color.hsv2rgb(hsv)
   weight = _edge_weight(mask, 0.5, 3.0)
@@ -293,15 +281,14 @@ def _color(img, rng, centre, category, sources):
 
 
 _DEFECTS = {
-    'color': _color,
-    'misplaced': _misplaced,
-    'scratch': _scratch,
-    'stain': _stain,
+  'color': _color,
+  'misplaced': _misplaced,
+  'scratch': _scratch,
+  'stain': _stain,
 }
 
 
-def _paint(normal: np.ndarray, defect: np.ndarray,
-           mask: np.ndarray) -> np.ndarray:
+def _paint(normal: np.ndarray, defect: np.ndarray, mask: np.ndarray) -> np.ndarray:
   """Writes `defect` into `normal` on `mask` only, then makes every mask pixel
   differ by >= MIN_CHANGE levels. (S, S, 3) uint8."""
   out = np.where(mask[..., None], _to_u8(defect), normal)
@@ -309,14 +296,15 @@ def _paint(normal: np.ndarray, defect: np.ndarray,
   weak = mask & (change < MIN_CHANGE)
   if weak.any():
     base = normal[weak].astype(np.int16)
-    out[weak] = np.where(base < 128, base + ENFORCED_CHANGE,
-                         base - ENFORCED_CHANGE).astype(np.uint8)
+    out[weak] = np.where(base < 128, base + ENFORCED_CHANGE, base - ENFORCED_CHANGE).astype(
+      np.uint8
+    )
   return out
 
 
-def render_sample(category: str, split: str, defect_type: str, index: int,
-                  seed: int, sources: Sources | None = None
-                 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+def render_sample(
+  category: str, split: str, defect_type: str, index: int, seed: int, sources: Sources | None = None
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
   """Renders one benchmark image.
 
   Args:
@@ -333,15 +321,12 @@ def render_sample(category: str, split: str, defect_type: str, index: int,
     for good ones).
   """
   if category not in CATEGORIES:
-    raise DataError(f'unknown synthetic category {category!r}; choose from '
-                    f'{", ".join(CATEGORIES)}')
-  if defect_type != 'good' and (defect_type not in DEFECT_TYPES or
-                                split != 'test'):
+    raise DataError(f'unknown synthetic category {category!r}; choose from {", ".join(CATEGORIES)}')
+  if defect_type != 'good' and (defect_type not in DEFECT_TYPES or split != 'test'):
     raise DataError(f'no {defect_type!r} images in the {split!r} split')
   sources = sources or Sources()
   code = 0 if defect_type == 'good' else 1 + DEFECT_TYPES.index(defect_type)
-  rng = np.random.default_rng(
-      [seed, _stable_id(category), _SPLIT_CODES[split], code, index])
+  rng = np.random.default_rng([seed, _stable_id(category), _SPLIT_CODES[split], code, index])
   normal = _normal(category, rng, sources)
   if defect_type == 'good':
     return normal, None, normal
@@ -358,11 +343,15 @@ def _save_png(array: np.ndarray, path: str):
   Image.fromarray(array).save(path, format='PNG', compress_level=6)
 
 
-def generate_category(out_root: str, category: str, seed: int,
-                      sources: Sources | None = None,
-                      num_train: int = NUM_TRAIN,
-                      num_test_good: int = NUM_TEST_GOOD,
-                      num_per_defect: int = NUM_PER_DEFECT):
+def generate_category(
+  out_root: str,
+  category: str,
+  seed: int,
+  sources: Sources | None = None,
+  num_train: int = NUM_TRAIN,
+  num_test_good: int = NUM_TEST_GOOD,
+  num_per_defect: int = NUM_PER_DEFECT,
+):
   """Writes one category in the MVTec AD layout under `out_root/category`."""
   sources = sources or Sources()
   base = os.path.join(out_root, category)
@@ -378,19 +367,19 @@ def generate_category(out_root: str, category: str, seed: int,
       _save_png(image, os.path.join(folder, f'{i:03d}.png'))
       if mask is not None:
         mask_name = f'{i:03d}_mask.png'
-        _save_png(mask.astype(np.uint8) * 255,
-                  os.path.join(base, 'ground_truth', defect, mask_name))
+        _save_png(
+          mask.astype(np.uint8) * 255, os.path.join(base, 'ground_truth', defect, mask_name)
+        )
 
 
 def _marker_content(seed: int, categories: Sequence[str]) -> dict:
   return {
-      'format': 'msrd_jax synthetic benchmark',
-      'version': VERSION,
-      'seed': seed,
-      'categories': sorted(categories),
-      'counts': {'train': NUM_TRAIN, 'test_good': NUM_TEST_GOOD,
-                 'per_defect': NUM_PER_DEFECT},
-      'image_size': IMAGE_SIZE,
+    'format': 'msrd_jax synthetic benchmark',
+    'version': VERSION,
+    'seed': seed,
+    'categories': sorted(categories),
+    'counts': {'train': NUM_TRAIN, 'test_good': NUM_TEST_GOOD, 'per_defect': NUM_PER_DEFECT},
+    'image_size': IMAGE_SIZE,
   }
 
 
@@ -403,18 +392,21 @@ def read_marker(root: str) -> dict | None:
     return None
 
 
-def _is_complete(marker: dict | None, seed: int,
-                 categories: Sequence[str]) -> bool:
+def _is_complete(marker: dict | None, seed: int, categories: Sequence[str]) -> bool:
   if not marker:
     return False
   expected = _marker_content(seed, categories)
-  return (marker.get('version') == VERSION and marker.get('seed') == seed and
-          marker.get('counts') == expected['counts'] and
-          set(categories) <= set(marker.get('categories', ())))
+  return (
+    marker.get('version') == VERSION
+    and marker.get('seed') == seed
+    and marker.get('counts') == expected['counts']
+    and set(categories) <= set(marker.get('categories', ()))
+  )
 
 
-def ensure_synthetic(root: str | os.PathLike, seed: int = 0,
-                     categories: Sequence[str] | None = None) -> str:
+def ensure_synthetic(
+  root: str | os.PathLike, seed: int = 0, categories: Sequence[str] | None = None
+) -> str:
   """Generates the benchmark into `root` unless a complete one is there.
 
   Generation goes to a temporary sibling folder that is renamed to `root` at
@@ -435,8 +427,7 @@ def ensure_synthetic(root: str | os.PathLike, seed: int = 0,
   categories = tuple(categories or CATEGORIES)
   unknown = [c for c in categories if c not in CATEGORIES]
   if unknown:
-    raise DataError(f'unknown synthetic categories {unknown}; choose from '
-                    f'{", ".join(CATEGORIES)}')
+    raise DataError(f'unknown synthetic categories {unknown}; choose from {", ".join(CATEGORIES)}')
   if _is_complete(read_marker(root), seed, categories):
     return root
   if os.path.exists(root):
@@ -444,8 +435,9 @@ def ensure_synthetic(root: str | os.PathLike, seed: int = 0,
       raise DataError(f'{root} exists and is not a folder')
     if read_marker(root) is None and os.listdir(root):
       raise DataError(
-          f'{root} is not empty and holds no {MARKER}: it is not a synthetic '
-          'benchmark; refusing to overwrite it. Choose another folder.')
+        f'{root} is not empty and holds no {MARKER}: it is not a synthetic '
+        'benchmark; refusing to overwrite it. Choose another folder.'
+      )
   parent = os.path.dirname(root)
   os.makedirs(parent, exist_ok=True)
   name = os.path.basename(root)
@@ -476,12 +468,16 @@ def ensure_synthetic(root: str | os.PathLike, seed: int = 0,
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog='python -m msrd_jax.data.synthetic',
-      description='Generate the synthetic anomaly-detection benchmark.')
+    prog='python -m msrd_jax.data.synthetic',
+    description='Generate the synthetic anomaly-detection benchmark.',
+  )
   parser.add_argument('out_dir')
   parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--categories', default=','.join(CATEGORIES),
-                      help=f'comma-separated subset of {",".join(CATEGORIES)}')
+  parser.add_argument(
+    '--categories',
+    default=','.join(CATEGORIES),
+    help=f'comma-separated subset of {",".join(CATEGORIES)}',
+  )
   args = parser.parse_args(argv)
   categories = [c for c in args.categories.split(',') if c]
   start = time.perf_counter()
@@ -490,9 +486,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   except DataError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
-  print(f'synthetic benchmark (seed {args.seed}, categories '
-        f'{", ".join(categories)}) ready in {root} '
-        f'({time.perf_counter() - start:.1f} s)')
+  print(
+    f'synthetic benchmark (seed {args.seed}, categories '
+    f'{", ".join(categories)}) ready in {root} '
+    f'({time.perf_counter() - start:.1f} s)'
+  )
   return 0
 
 

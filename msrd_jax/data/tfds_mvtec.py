@@ -50,10 +50,10 @@ import shutil
 import tarfile
 import tempfile
 
-from etils import epath
 import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
+from etils import epath
+from PIL import Image
 
 from msrd_jax.data.errors import DataError
 from msrd_jax.data.folder import MVTEC_CATEGORIES, list_mvtec
@@ -106,8 +106,7 @@ def _extract_category(archive: str, category: str, dest: str) -> str:
   return dest
 
 
-def check_manual_dir(manual_dir: str | os.PathLike,
-                     category: str) -> tuple[str | None, str | None]:
+def check_manual_dir(manual_dir: str | os.PathLike, category: str) -> tuple[str | None, str | None]:
   """(extracted root, None) or (None, archive path) for a category; a
   DataError saying what to put there otherwise (TFDS would raise a bare
   AssertionError for an empty manual_dir)."""
@@ -119,8 +118,9 @@ def check_manual_dir(manual_dir: str | os.PathLike,
   if os.path.isfile(archive):
     return None, archive
   raise DataError(
-      f'the manual_dir {manual} holds neither {ARCHIVE_NAME} nor an extracted '
-      f'{category}/ folder.\n{MvtecAd.MANUAL_DOWNLOAD_INSTRUCTIONS}')
+    f'the manual_dir {manual} holds neither {ARCHIVE_NAME} nor an extracted '
+    f'{category}/ folder.\n{MvtecAd.MANUAL_DOWNLOAD_INSTRUCTIONS}'
+  )
 
 
 class MvtecAd(tfds.core.GeneratorBasedBuilder):
@@ -129,8 +129,7 @@ class MvtecAd(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   BUILDER_CONFIGS = [
-      tfds.core.BuilderConfig(name=c, description=f'MVTec AD {c}')
-      for c in MVTEC_CATEGORIES
+    tfds.core.BuilderConfig(name=c, description=f'MVTec AD {c}') for c in MVTEC_CATEGORIES
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
   Download MVTec AD (free registration) from
@@ -150,25 +149,31 @@ class MvtecAd(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=('MVTec AD: industrial images for unsupervised anomaly '
-                     'detection; train holds good images only, test good and '
-                     'defective ones with pixel masks.'),
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(None, None, 3), dtype=np.uint8,
-                                         encoding_format='png'),
-            'mask': tfds.features.Image(shape=(None, None, 1), dtype=np.uint8,
-                                        encoding_format='png'),
-            'label': tfds.features.ClassLabel(names=['good', 'defective']),
-            'defect_type': tfds.features.Text(),
-            'file_name': tfds.features.Text(),
-        }),
-        supervised_keys=('image', 'label'),
-        homepage='https://www.mvtec.com/company/research/datasets/mvtec-ad',
-        citation=('@article{bergmann2021mvtec, title={The MVTec Anomaly '
-                  'Detection Dataset}, author={Bergmann, Paul and Batzner, '
-                  'Kilian and Fauser, Michael and Sattlegger, David and '
-                  'Steger, Carsten}, journal={IJCV}, year={2021}}'),
+      builder=self,
+      description=(
+        'MVTec AD: industrial images for unsupervised anomaly '
+        'detection; train holds good images only, test good and '
+        'defective ones with pixel masks.'
+      ),
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Image(
+            shape=(None, None, 3), dtype=np.uint8, encoding_format='png'
+          ),
+          'mask': tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format='png'),
+          'label': tfds.features.ClassLabel(names=['good', 'defective']),
+          'defect_type': tfds.features.Text(),
+          'file_name': tfds.features.Text(),
+        }
+      ),
+      supervised_keys=('image', 'label'),
+      homepage='https://www.mvtec.com/company/research/datasets/mvtec-ad',
+      citation=(
+        '@article{bergmann2021mvtec, title={The MVTec Anomaly '
+        'Detection Dataset}, author={Bergmann, Paul and Batzner, '
+        'Kilian and Fauser, Michael and Sattlegger, David and '
+        'Steger, Carsten}, journal={IJCV}, year={2021}}'
+      ),
     )
 
   def _data_root(self, dl_manager) -> str:
@@ -184,8 +189,8 @@ class MvtecAd(tfds.core.GeneratorBasedBuilder):
     root = self._data_root(dl_manager)
     category = self.builder_config.name
     return {
-        split: self._generate_examples(list_mvtec(root, category, split))
-        for split in ('train', 'test')
+      split: self._generate_examples(list_mvtec(root, category, split))
+      for split in ('train', 'test')
     }
 
   def _generate_examples(self, samples):
@@ -196,30 +201,37 @@ class MvtecAd(tfds.core.GeneratorBasedBuilder):
       else:
         mask = load_mask(s.mask_path).astype(np.uint8) * 255
         if mask.shape != image.shape[:2]:
-          raise DataError(f'the mask {s.mask_path} is {mask.shape} but its '
-                          f'image {s.image_path} is {image.shape[:2]}')
+          raise DataError(
+            f'the mask {s.mask_path} is {mask.shape} but its '
+            f'image {s.image_path} is {image.shape[:2]}'
+          )
       # PIL images, not arrays: TFDS encodes arrays with TensorFlow.
-      yield s.name, {
+      yield (
+        s.name,
+        {
           'image': Image.fromarray(image),
           'mask': Image.fromarray(mask),
           'label': s.label,
           'defect_type': s.defect_type,
           'file_name': s.name,
-      }
+        },
+      )
 
 
-def prepare(category: str, data_dir: str | os.PathLike,
-            manual_dir: str | os.PathLike) -> MvtecAd:
+def prepare(category: str, data_dir: str | os.PathLike, manual_dir: str | os.PathLike) -> MvtecAd:
   """Builds (once) the array_record files of one category and returns the
   builder; read them with `builder.as_data_source(split='train'|'test')`."""
   if category not in MVTEC_CATEGORIES:
-    raise DataError(f'unknown MVTec AD category {category!r}; choose from '
-                    f'{", ".join(MVTEC_CATEGORIES)}')
-  builder = MvtecAd(config=category, data_dir=os.path.expanduser(
-      os.fspath(data_dir)), file_format=_FILE_FORMAT)
+    raise DataError(
+      f'unknown MVTec AD category {category!r}; choose from {", ".join(MVTEC_CATEGORIES)}'
+    )
+  builder = MvtecAd(
+    config=category, data_dir=os.path.expanduser(os.fspath(data_dir)), file_format=_FILE_FORMAT
+  )
   if not builder.is_prepared():
     manual_dir = os.path.expanduser(os.fspath(manual_dir))
     check_manual_dir(manual_dir, category)
     builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+    )
   return builder

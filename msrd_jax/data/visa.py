@@ -30,18 +30,19 @@ def _read_rows(csv_path: str) -> list[tuple[int, dict[str, str]]]:
       missing = [c for c in _COLUMNS if c not in header]
       if missing:
         raise DataError(
-            f'{csv_path} lacks the column(s) {", ".join(missing)}; expected '
-            f'the header {",".join(_COLUMNS)} (found {",".join(header)}).')
+          f'{csv_path} lacks the column(s) {", ".join(missing)}; expected '
+          f'the header {",".join(_COLUMNS)} (found {",".join(header)}).'
+        )
       reader.fieldnames = header
-      return [(i + 2, {k: (v or '').strip() for k, v in row.items()
-                       if k is not None})
-              for i, row in enumerate(reader)]
+      return [
+        (i + 2, {k: (v or '').strip() for k, v in row.items() if k is not None})
+        for i, row in enumerate(reader)
+      ]
   except (OSError, UnicodeDecodeError, csv.Error) as e:
     raise DataError(f'cannot read the VisA split file {csv_path}: {e}') from e
 
 
-def list_visa(root: str | os.PathLike, category: str,
-              split: str) -> list[Sample]:
+def list_visa(root: str | os.PathLike, category: str, split: str) -> list[Sample]:
   """Lists one split of one VisA category from `split_csv/1cls.csv`.
 
   Args:
@@ -64,9 +65,10 @@ def list_visa(root: str | os.PathLike, category: str,
   csv_path = os.path.join(root, SPLIT_CSV)
   if not os.path.isfile(csv_path):
     raise DataError(
-        f'the VisA split file {csv_path} does not exist; the VisA root must '
-        'hold split_csv/1cls.csv (columns object,split,label,image,mask) '
-        'next to the category folders, as in the VisA release.')
+      f'the VisA split file {csv_path} does not exist; the VisA root must '
+      'hold split_csv/1cls.csv (columns object,split,label,image,mask) '
+      'next to the category folders, as in the VisA release.'
+    )
   objects = set()
   samples = []
   for line, row in _read_rows(csv_path):
@@ -74,8 +76,7 @@ def list_visa(root: str | os.PathLike, category: str,
     if row['split'] not in SPLITS:
       raise DataError(f'{where}: split {row["split"]!r} is not one of {SPLITS}')
     if row['label'] not in _LABELS:
-      raise DataError(f'{where}: label {row["label"]!r} is not one of '
-                      f'{tuple(_LABELS)}')
+      raise DataError(f'{where}: label {row["label"]!r} is not one of {tuple(_LABELS)}')
     objects.add(row['object'])
     if row['object'] != category or row['split'] != split:
       continue
@@ -86,25 +87,22 @@ def list_visa(root: str | os.PathLike, category: str,
     mask_path = None
     if label:
       if not row['mask']:
-        raise DataError(f'{where}: the anomalous image {image_path} has no '
-                        'mask path')
+        raise DataError(f'{where}: the anomalous image {image_path} has no mask path')
       mask_path = os.path.join(root, row['mask'])
       if not os.path.isfile(mask_path):
-        raise DataError(f'{where}: the mask {mask_path} of {image_path} does '
-                        'not exist')
+        raise DataError(f'{where}: the mask {mask_path} of {image_path} does not exist')
     rel = row['image'].replace('\\', '/')
     prefix = category + '/'
-    name = rel[len(prefix):] if rel.startswith(prefix) else rel
-    samples.append(Sample(image_path, mask_path, label,
-                          'anomaly' if label else 'good', name))
+    name = rel[len(prefix) :] if rel.startswith(prefix) else rel
+    samples.append(Sample(image_path, mask_path, label, 'anomaly' if label else 'good', name))
   if category not in objects:
     raise DataError(
-        f'{csv_path} has no rows for the category {category!r}; categories '
-        f'found: {", ".join(sorted(objects)) or "(none)"}')
+      f'{csv_path} has no rows for the category {category!r}; categories '
+      f'found: {", ".join(sorted(objects)) or "(none)"}'
+    )
   if not samples:
     raise DataError(f'{csv_path} has no {split!r} rows for {category!r}')
-  samples.sort(
-      key=lambda s: (s.defect_type, os.path.basename(s.image_path), s.name))
+  samples.sort(key=lambda s: (s.defect_type, os.path.basename(s.image_path), s.name))
   return samples
 
 
