@@ -7,13 +7,11 @@ spatial axis separately, the two pooled strips share a 1x1 conv + BN + h-swish, 
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from msrd_jax import teacher
+from msrd_jax.layers import Layers
 
 
 def h_swish(x: jax.Array) -> jax.Array:
@@ -30,17 +28,17 @@ class CoordAttention(nn.Module):
   """Y = X * a_h * a_w for X of shape (B, H, W, C); same shape out.
 
   a_h: (B, H, 1, C) from the W-pooled strip, a_w: (B, 1, W, C) from the H-pooled strip.
-  The BatchNorm uses batch statistics when `train` (synchronized across `bn_axis_name`).
+  The BatchNorm uses batch statistics when `train` (synchronized across
+  `layers.bn_axis_name`).
   """
 
-  train: bool = False
   reduction: int = 32
-  dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
+  layers: Layers = Layers()
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     _, h, w, c = x.shape
+    dtype = self.layers.dtype
     mip = mip_channels(c, self.reduction)
     pooled_h = jnp.mean(x, axis=2, keepdims=True)  # (B, H, 1, C): pooled over W
     pooled_w = jnp.mean(x, axis=1, keepdims=True)  # (B, 1, W, C): pooled over H
@@ -48,10 +46,9 @@ class CoordAttention(nn.Module):
     y = jnp.concatenate([pooled_h, jnp.swapaxes(pooled_w, 1, 2)], axis=1)
     # No bias: the BatchNorm right after removes it, and a parameter whose gradient is
     # zero would only drift on rounding noise under Adam.
-    y = nn.Conv(mip, (1, 1), use_bias=False, dtype=self.dtype, name='conv1')(y)
-    y = teacher.batch_norm(self.train, 'bn1', self.dtype, self.bn_axis_name)(y)
-    y = h_swish(y)
+    y = nn.Conv(mip, (1, 1), use_bias=False, dtype=dtype, name='conv1')(y)
+    y = h_swish(self.layers.norm(train, 'bn1')(y))
     y_h, y_w = y[:, :h], jnp.swapaxes(y[:, h:], 1, 2)
-    a_h = nn.sigmoid(nn.Conv(c, (1, 1), dtype=self.dtype, name='conv_h')(y_h))
-    a_w = nn.sigmoid(nn.Conv(c, (1, 1), dtype=self.dtype, name='conv_w')(y_w))
+    a_h = nn.sigmoid(nn.Conv(c, (1, 1), dtype=dtype, name='conv_h')(y_h))
+    a_w = nn.sigmoid(nn.Conv(c, (1, 1), dtype=dtype, name='conv_w')(y_w))
     return x * a_h * a_w

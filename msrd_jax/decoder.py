@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from msrd_jax import teacher
 from msrd_jax.coord_attention import CoordAttention
+from msrd_jax.layers import Layers, conv_init
 
 
 class Deconv2x2(nn.Module):
@@ -37,13 +38,9 @@ class Deconv2x2(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
-    kernel = self.param('kernel', teacher.conv_init, (2, 2, c, self.features))
+    kernel = self.param('kernel', conv_init, (2, 2, c, self.features))
     y = jnp.einsum('bhwc,xycf->bhxwyf', x.astype(self.dtype), kernel.astype(self.dtype))
     return y.reshape(b, 2 * h, 2 * w, self.features)
-
-
-def deconv(features: int, name: str, dtype: Any) -> Deconv2x2:
-  return Deconv2x2(features, dtype=dtype, name=name)
 
 
 class DecoderBlock(nn.Module):
@@ -54,41 +51,37 @@ class DecoderBlock(nn.Module):
   upsample: bool = False
   width_per_group: int = 64
   attention: bool = False
-  train: bool = False
-  dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
+  layers: Layers = Layers()
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    bn = functools.partial(
-      teacher.batch_norm, self.train, dtype=self.dtype, axis_name=self.bn_axis_name
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    conv, norm, dtype = (
+      self.layers.conv,
+      functools.partial(self.layers.norm, train),
+      self.layers.dtype,
     )
     if self.block == 'basic':
       out_channels = self.planes
-      y = (
-        deconv(self.planes, 'conv1', self.dtype)
+      first = (
+        Deconv2x2(self.planes, dtype, name='conv1')
         if self.upsample
-        else teacher.conv(self.planes, 3, 1, 'conv1', self.dtype)
-      )(x)
-      y = nn.relu(bn(name='bn1')(y))
-      y = bn(name='bn2')(teacher.conv(self.planes, 3, 1, 'conv2', self.dtype)(y))
+        else conv(self.planes, 3, 1, 'conv1')
+      )
+      y = nn.relu(norm('bn1')(first(x)))
+      y = norm('bn2')(conv(self.planes, 3, 1, 'conv2')(y))
     else:
       out_channels = self.planes * 4
       width = self.planes * self.width_per_group // 64
-      y = nn.relu(bn(name='bn1')(teacher.conv(width, 1, 1, 'conv1', self.dtype)(x)))
-      y = (
-        deconv(width, 'conv2', self.dtype)
-        if self.upsample
-        else teacher.conv(width, 3, 1, 'conv2', self.dtype)
-      )(y)
-      y = nn.relu(bn(name='bn2')(y))
-      y = bn(name='bn3')(teacher.conv(out_channels, 1, 1, 'conv3', self.dtype)(y))
+      y = nn.relu(norm('bn1')(conv(width, 1, 1, 'conv1')(x)))
+      second = (
+        Deconv2x2(width, dtype, name='conv2') if self.upsample else conv(width, 3, 1, 'conv2')
+      )
+      y = nn.relu(norm('bn2')(second(y)))
+      y = norm('bn3')(conv(out_channels, 1, 1, 'conv3')(y))
     if self.attention:
-      y = CoordAttention(
-        self.train, dtype=self.dtype, bn_axis_name=self.bn_axis_name, name='attention'
-      )(y)
+      y = CoordAttention(layers=self.layers, name='attention')(y, train)
     if self.upsample:
-      x = bn(name='upsample_1')(deconv(out_channels, 'upsample_0', self.dtype)(x))
+      x = norm('upsample_1')(Deconv2x2(out_channels, dtype, name='upsample_0')(x))
     return nn.relu(y + x)
 
 
@@ -97,12 +90,10 @@ class Decoder(nn.Module):
 
   arch: teacher.Arch
   attention: bool = True
-  train: bool = False
-  dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
+  layers: Layers = Layers()
 
   @nn.compact
-  def __call__(self, z: jax.Array) -> list[jax.Array]:
+  def __call__(self, z: jax.Array, train: bool = False) -> list[jax.Array]:
     spec = teacher.arch_spec(self.arch)
     outputs = []
     x = z
@@ -116,10 +107,8 @@ class Decoder(nn.Module):
           upsample=i == 0,
           width_per_group=spec.width_per_group,
           attention=self.attention,
-          train=self.train,
-          dtype=self.dtype,
-          bn_axis_name=self.bn_axis_name,
+          layers=self.layers,
           name=f'level{level}_{i}',
-        )(x)
+        )(x, train)
       outputs.append(x)
     return outputs[::-1]

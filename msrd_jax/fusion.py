@@ -12,14 +12,13 @@ MFF (RD4AD's original): the alignment and concatenation applied to e1, e2, e3 di
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from msrd_jax import teacher
 from msrd_jax.coord_attention import CoordAttention
+from msrd_jax.layers import Layers
 
 FUSION_EPS = 1e-4
 
@@ -35,15 +34,12 @@ class ConvBNReLU(nn.Module):
 
   features: int
   stride: int = 1
-  train: bool = False
-  dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
+  layers: Layers = Layers()
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = teacher.conv(self.features, 3, self.stride, 'conv', self.dtype)(x)
-    x = teacher.batch_norm(self.train, 'bn', self.dtype, self.bn_axis_name)(x)
-    return nn.relu(x)
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = self.layers.conv(self.features, 3, self.stride, 'conv')(x)
+    return nn.relu(self.layers.norm(train, 'bn')(x))
 
 
 class Align(nn.Module):
@@ -55,17 +51,14 @@ class Align(nn.Module):
   """
 
   channels: Sequence[int]
-  train: bool = False
-  dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
+  layers: Layers = Layers()
 
   @nn.compact
-  def __call__(self, features: Sequence[jax.Array]) -> jax.Array:
-    kw = dict(train=self.train, dtype=self.dtype, bn_axis_name=self.bn_axis_name)
-    c1, c2, c3 = self.channels
-    f1 = ConvBNReLU(c2, 2, name='level1_down1', **kw)(features[0])
-    f1 = ConvBNReLU(c3, 2, name='level1_down2', **kw)(f1)
-    f2 = ConvBNReLU(c3, 2, name='level2_down1', **kw)(features[1])
+  def __call__(self, features: Sequence[jax.Array], train: bool = False) -> jax.Array:
+    _, c2, c3 = self.channels
+    down = lambda c, name, x: ConvBNReLU(c, 2, self.layers, name=name)(x, train)
+    f1 = down(c3, 'level1_down2', down(c2, 'level1_down1', features[0]))
+    f2 = down(c3, 'level2_down1', features[1])
     return jnp.concatenate([f1, f2, features[2]], axis=-1)
 
 
@@ -75,27 +68,20 @@ class Mapping(nn.Module):
   source: int
   target: int
   channels: Sequence[int]
-  train: bool = False
-  dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
+  layers: Layers = Layers()
 
   @nn.compact
-  def __call__(self, x: jax.Array, target_hw: tuple[int, int]) -> jax.Array:
+  def __call__(self, x: jax.Array, target_hw: tuple[int, int], train: bool = False) -> jax.Array:
     if self.source == self.target:
       return x
     if self.source < self.target:
       for k in range(self.source, self.target):
-        x = ConvBNReLU(
-          self.channels[k + 1],
-          2,
-          self.train,
-          self.dtype,
-          self.bn_axis_name,
-          name=f'down{k - self.source + 1}',
-        )(x)
+        x = ConvBNReLU(self.channels[k + 1], 2, self.layers, name=f'down{k - self.source + 1}')(
+          x, train
+        )
       return x
-    x = teacher.conv(self.channels[self.target], 1, 1, 'conv', self.dtype)(x)
-    x = teacher.batch_norm(self.train, 'bn', self.dtype, self.bn_axis_name)(x)
+    x = self.layers.conv(self.channels[self.target], 1, 1, 'conv')(x)
+    x = self.layers.norm(train, 'bn')(x)
     return jax.image.resize(x, (x.shape[0], *target_hw, x.shape[-1]), 'bilinear')
 
 
@@ -109,13 +95,10 @@ class MSFF(nn.Module):
   init_self: float = 1.0
   init_other: float = 0.5
   attention: bool = True
-  train: bool = False
-  dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
+  layers: Layers = Layers()
 
   @nn.compact
-  def __call__(self, features: Sequence[jax.Array]) -> jax.Array:
-    kw = dict(train=self.train, dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+  def __call__(self, features: Sequence[jax.Array], train: bool = False) -> jax.Array:
     levels = len(features)
     a = self.param(
       'fusion_logits',
@@ -124,20 +107,22 @@ class MSFF(nn.Module):
       ),
       levels,
     )
-    w = fusion_weights(a)
+    w = fusion_weights(a).astype(self.layers.dtype)
     fused = []
     for i in range(levels):
       hw = features[i].shape[1:3]
       g = sum(
-        w[i, j].astype(self.dtype)
-        * Mapping(j, i, self.channels, name=f'map_{j + 1}_to_{i + 1}', **kw)(features[j], hw)
+        w[i, j]
+        * Mapping(j, i, self.channels, self.layers, name=f'map_{j + 1}_to_{i + 1}')(
+          features[j], hw, train
+        )
         for j in range(levels)
       )
       g = nn.relu(g)
       if self.attention:
-        g = CoordAttention(name=f'attention_{i + 1}', **kw)(g)
+        g = CoordAttention(layers=self.layers, name=f'attention_{i + 1}')(g, train)
       fused.append(g)
-    return Align(self.channels, name='align', **kw)(fused)
+    return Align(self.channels, self.layers, name='align')(fused, train)
 
 
 # RD4AD's multi-scale feature fusion is the alignment and concatenation alone, applied

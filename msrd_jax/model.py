@@ -11,7 +11,6 @@ student is plain RD4AD (Deng & Li, CVPR 2022).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -21,6 +20,7 @@ import ml_collections
 from msrd_jax import teacher as teacher_lib
 from msrd_jax.decoder import Decoder
 from msrd_jax.fusion import MFF, MSFF
+from msrd_jax.layers import Layers
 from msrd_jax.memory import MemoryBank
 from msrd_jax.oce import OCE
 
@@ -30,6 +30,7 @@ class Student(nn.Module):
 
   aux: {'entropy': scalar read-weight entropy of the memory (0 when off),
         'embedding': (B, h4, w4, D) the one-class embedding after the memory}.
+  With `train`, BatchNorm uses (and updates) batch statistics.
   """
 
   arch: teacher_lib.Arch
@@ -42,29 +43,28 @@ class Student(nn.Module):
   memory_temperature: float = 0.05
   memory_shrink: float | None = None
   oce_blocks: int | None = None
-  train: bool = False
-  dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
+  layers: Layers = Layers()
 
   @nn.compact
-  def __call__(self, features: Sequence[jax.Array]) -> tuple[list[jax.Array], dict]:
-    kw = dict(train=self.train, dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+  def __call__(
+    self, features: Sequence[jax.Array], train: bool = False
+  ) -> tuple[list[jax.Array], dict]:
     channels = teacher_lib.feature_channels(self.arch)
-    features = [f.astype(self.dtype) for f in features]
+    features = [f.astype(self.layers.dtype) for f in features]
     if self.fusion == 'msff':
-      x = MSFF(
+      fuse = MSFF(
         channels,
         self.msff_init_self,
         self.msff_init_other,
         attention='fusion' in self.attention,
+        layers=self.layers,
         name='fusion',
-        **kw,
-      )(features)
+      )
     elif self.fusion == 'mff':
-      x = MFF(channels, name='fusion', **kw)(features)
+      fuse = MFF(channels, self.layers, name='fusion')
     else:
       raise ValueError(f"model.fusion must be 'msff' or 'mff', got {self.fusion!r}")
-    z = OCE(self.arch, self.oce_blocks, name='oce', **kw)(x)
+    z = OCE(self.arch, self.oce_blocks, self.layers, name='oce')(fuse(features, train), train)
     z, entropy, _ = MemoryBank(
       self.memory_slots,
       self.memory_temperature,
@@ -72,12 +72,14 @@ class Student(nn.Module):
       self.memory_mode,
       name='memory',
     )(z)
-    decoded = Decoder(self.arch, attention='decoder' in self.attention, name='decoder', **kw)(z)
+    decoded = Decoder(
+      self.arch, attention='decoder' in self.attention, layers=self.layers, name='decoder'
+    )(z, train)
     return decoded, {'entropy': entropy, 'embedding': z}
 
 
 def student_from_config(
-  config: ml_collections.ConfigDict, *, train: bool, bn_axis_name: str | None = None
+  config: ml_collections.ConfigDict, bn_axis_name: str | None = None
 ) -> Student:
   m = config.model
   return Student(
@@ -91,9 +93,7 @@ def student_from_config(
     memory_temperature=m.memory.temperature,
     memory_shrink=m.memory.shrink,
     oce_blocks=m.get('oce_blocks'),
-    train=train,
-    dtype=jnp.dtype(config.train.dtype),
-    bn_axis_name=bn_axis_name,
+    layers=Layers(jnp.dtype(config.train.dtype), bn_axis_name),
   )
 
 
@@ -102,13 +102,13 @@ class MSRD:
 
   teacher_vars: {'params', 'batch_stats'} of the frozen ResNet.
   student_vars: {'params', 'batch_stats'} of the Student.
+  bn_axis_name: the pmap axis over which training-mode BatchNorm is synchronized.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, bn_axis_name: str | None = None):
     self.arch = config.model.backbone
     self.teacher = teacher_lib.ResNet(self.arch, dtype=jnp.dtype(config.train.dtype))
-    self.student_train = student_from_config(config, train=True, bn_axis_name=bn_axis_name)
-    self.student_eval = student_from_config(config, train=False)
+    self.student = student_from_config(config, bn_axis_name)
 
   def teacher_features(self, teacher_vars: dict, images: jax.Array) -> list[jax.Array]:
     """[e1, e2, e3] as float32, outside any gradient; images (B, H, W, 3) in [0, 1]."""
@@ -121,17 +121,26 @@ class MSRD:
 
     @jax.jit  # eager initialization dispatches op by op and takes many seconds
     def init(rng, teacher_vars):
-      return self.student_eval.init(rng, self.teacher_features(teacher_vars, images))
+      return self.student.init(rng, self.teacher_features(teacher_vars, images))
 
     return dict(init(rng, teacher_vars))
+
+  def abstract_variables(self, image_size: int) -> dict:
+    """The student's variables as ShapeDtypeStructs, computed without running anything.
+
+    What a checkpoint is restored into; depends on the teacher only through its shapes.
+    """
+    return jax.eval_shape(
+      lambda: self.init(jax.random.key(0), teacher_lib.teacher_shapes(self.arch), image_size)
+    )
 
   def apply_train(
     self, teacher_vars: dict, params: dict, batch_stats: dict, images: jax.Array
   ) -> tuple[list, list, dict, dict]:
     """Training forward: BN on batch statistics. Returns (e, d, aux, new batch_stats)."""
     feats = self.teacher_features(teacher_vars, images)
-    (decoded, aux), updates = self.student_train.apply(
-      {'params': params, 'batch_stats': batch_stats}, feats, mutable=['batch_stats']
+    (decoded, aux), updates = self.student.apply(
+      {'params': params, 'batch_stats': batch_stats}, feats, train=True, mutable=['batch_stats']
     )
     return feats, [d.astype(jnp.float32) for d in decoded], aux, updates['batch_stats']
 
@@ -140,5 +149,5 @@ class MSRD:
   ) -> tuple[list, list, dict]:
     """Inference forward: BN on running averages. Returns (e, d, aux)."""
     feats = self.teacher_features(teacher_vars, images)
-    decoded, aux = self.student_eval.apply(student_vars, feats)
+    decoded, aux = self.student.apply(student_vars, feats, train=False)
     return feats, [d.astype(jnp.float32) for d in decoded], aux

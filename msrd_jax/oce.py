@@ -7,13 +7,11 @@ student decodes: 3 Bottlenecks for 50/101-layer teachers, 2 BasicBlocks for 18/3
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from msrd_jax import teacher
+from msrd_jax.layers import Layers
 
 
 def default_blocks(arch: teacher.Arch) -> int:
@@ -25,25 +23,13 @@ class OCE(nn.Module):
 
   arch: teacher.Arch
   blocks: int | None = None  # None: default_blocks(arch)
-  train: bool = False
-  dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
+  layers: Layers = Layers()
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     spec = teacher.arch_spec(self.arch)
     blocks = default_blocks(self.arch) if self.blocks is None else self.blocks
     # in_channels=0 forces the 1x1/2 conv + BN shortcut on the first block.
-    for block in teacher.make_stage(
-      spec,
-      'layer',
-      512,
-      blocks,
-      2,
-      in_channels=0,
-      train=self.train,
-      dtype=self.dtype,
-      bn_axis_name=self.bn_axis_name,
-    ):
-      x = block(x)
+    for block in teacher.make_stage(spec, 'layer', 512, blocks, 2, 0, self.layers):
+      x = block(x, train)
     return x

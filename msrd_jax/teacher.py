@@ -13,6 +13,7 @@ Public API:
   ResNet, BasicBlock, Bottleneck        (Flax modules; the blocks are reused by the OCE)
   init_teacher(arch, seed) -> variables (random weights, with a loud warning)
   load_teacher(arch, path) -> variables (a file written by `python -m msrd_jax.port`)
+  from_config(config) -> variables      (the teacher a config names)
   save_teacher(path, arch, variables)
   extract_features(arch, weights, images) -> [e1, e2, e3]
 """
@@ -29,18 +30,20 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+
+from msrd_jax import files
+from msrd_jax.errors import UserError
+from msrd_jax.layers import Layers
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-BN_EPS = 1e-5
-# PyTorch's BatchNorm momentum 0.1 weighs the new batch; Flax's weighs the old average.
-BN_MOMENTUM = 0.9
 
 TEACHER_FORMAT = 'msrd_jax.teacher/1'
 
 
-class TeacherFileError(ValueError):
+class TeacherFileError(UserError):
   """A teacher file that is not one, or holds another architecture."""
 
 
@@ -66,9 +69,6 @@ ARCH_SPECS: dict[str, ArchSpec] = {
   'wide_resnet101_2': ArchSpec('bottleneck', (3, 4, 23, 3), 128),
 }
 
-# torchvision's init for convolutions: kaiming_normal_(mode='fan_out', nonlinearity='relu').
-conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-
 
 def arch_spec(arch: Arch) -> ArchSpec:
   """The spec of a named architecture, or a ValueError listing the known ones.
@@ -92,64 +92,23 @@ def feature_channels(arch: Arch) -> tuple[int, int, int]:
   return (64 * e, 128 * e, 256 * e)
 
 
-def conv(
-  features: int, kernel: int, stride: int = 1, name: str | None = None, dtype: Any = jnp.float32
-) -> nn.Conv:
-  """A bias-free convolution with PyTorch's explicit symmetric padding kernel // 2.
-
-  Flax's 'SAME' pads asymmetrically for stride 2, which shifts every feature map by a
-  pixel against torchvision's; explicit padding reproduces PyTorch exactly.
-  """
-  p = kernel // 2
-  return nn.Conv(
-    features,
-    (kernel, kernel),
-    strides=(stride, stride),
-    padding=((p, p), (p, p)),
-    use_bias=False,
-    kernel_init=conv_init,
-    dtype=dtype,
-    name=name,
-  )
-
-
-def batch_norm(
-  train: bool, name: str | None = None, dtype: Any = jnp.float32, axis_name: str | None = None
-) -> nn.BatchNorm:
-  """BatchNorm with PyTorch's eps and momentum; batch statistics only when training."""
-  return nn.BatchNorm(
-    use_running_average=not train,
-    momentum=BN_MOMENTUM,
-    epsilon=BN_EPS,
-    dtype=dtype,
-    axis_name=axis_name,
-    name=name,
-    use_fast_variance=False,
-  )
-
-
 class BasicBlock(nn.Module):
   """torchvision's BasicBlock: two 3x3 convs; the stride sits on the first."""
 
   planes: int
   stride: int = 1
   downsample: bool = False
-  train: bool = False
-  dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
+  layers: Layers = Layers()
 
   expansion = 1
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    bn = functools.partial(batch_norm, self.train, dtype=self.dtype, axis_name=self.bn_axis_name)
-    y = conv(self.planes, 3, self.stride, 'conv1', self.dtype)(x)
-    y = nn.relu(bn(name='bn1')(y))
-    y = conv(self.planes, 3, 1, 'conv2', self.dtype)(y)
-    y = bn(name='bn2')(y)
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    conv, norm = self.layers.conv, functools.partial(self.layers.norm, train)
+    y = nn.relu(norm('bn1')(conv(self.planes, 3, self.stride, 'conv1')(x)))
+    y = norm('bn2')(conv(self.planes, 3, 1, 'conv2')(y))
     if self.downsample:
-      x = conv(self.planes, 1, self.stride, 'downsample_0', self.dtype)(x)
-      x = bn(name='downsample_1')(x)
+      x = norm('downsample_1')(conv(self.planes, 1, self.stride, 'downsample_0')(x))
     return nn.relu(y + x)
 
 
@@ -160,25 +119,19 @@ class Bottleneck(nn.Module):
   stride: int = 1
   downsample: bool = False
   width_per_group: int = 64
-  train: bool = False
-  dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
+  layers: Layers = Layers()
 
   expansion = 4
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    bn = functools.partial(batch_norm, self.train, dtype=self.dtype, axis_name=self.bn_axis_name)
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    conv, norm = self.layers.conv, functools.partial(self.layers.norm, train)
     width = self.planes * self.width_per_group // 64
-    y = conv(width, 1, 1, 'conv1', self.dtype)(x)
-    y = nn.relu(bn(name='bn1')(y))
-    y = conv(width, 3, self.stride, 'conv2', self.dtype)(y)
-    y = nn.relu(bn(name='bn2')(y))
-    y = conv(self.planes * 4, 1, 1, 'conv3', self.dtype)(y)
-    y = bn(name='bn3')(y)
+    y = nn.relu(norm('bn1')(conv(width, 1, 1, 'conv1')(x)))
+    y = nn.relu(norm('bn2')(conv(width, 3, self.stride, 'conv2')(y)))
+    y = norm('bn3')(conv(self.planes * 4, 1, 1, 'conv3')(y))
     if self.downsample:
-      x = conv(self.planes * 4, 1, self.stride, 'downsample_0', self.dtype)(x)
-      x = bn(name='downsample_1')(x)
+      x = norm('downsample_1')(conv(self.planes * 4, 1, self.stride, 'downsample_0')(x))
     return nn.relu(y + x)
 
 
@@ -189,9 +142,7 @@ def make_stage(
   blocks: int,
   stride: int,
   in_channels: int,
-  train: bool = False,
-  dtype: Any = jnp.float32,
-  bn_axis_name: str | None = None,
+  layers: Layers,
 ) -> list[nn.Module]:
   """The blocks of one ResNet stage, named like torchvision's `layerK.i`."""
   kind = BasicBlock if spec.block == 'basic' else Bottleneck
@@ -202,9 +153,7 @@ def make_stage(
       planes=planes,
       stride=stride if i == 0 else 1,
       downsample=needs_downsample and i == 0,
-      train=train,
-      dtype=dtype,
-      bn_axis_name=bn_axis_name,
+      layers=layers,
       name=f'{name}_{i}',
       **extra,
     )
@@ -226,27 +175,20 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array) -> list[jax.Array]:
     spec = arch_spec(self.arch)
+    layers = Layers(self.dtype)
     mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
     std = jnp.asarray(IMAGENET_STD, jnp.float32)
     x = ((images.astype(jnp.float32) - mean) / std).astype(self.dtype)
-    x = conv(64, 7, 2, 'conv1', self.dtype)(x)
-    x = nn.relu(batch_norm(False, 'bn1', self.dtype)(x))
+    x = nn.relu(layers.norm(False, 'bn1')(layers.conv(64, 7, 2, 'conv1')(x)))
     # Flax pads max-pool windows with -inf, as PyTorch does.
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     features = []
     in_channels = 64
     for k, (planes, stride) in enumerate(((64, 1), (128, 2), (256, 2))):
       for block in make_stage(
-        spec,
-        f'layer{k + 1}',
-        planes,
-        spec.layers[k],
-        stride,
-        in_channels,
-        train=False,
-        dtype=self.dtype,
+        spec, f'layer{k + 1}', planes, spec.layers[k], stride, in_channels, layers
       ):
-        x = block(x)
+        x = block(x)  # always frozen: running statistics
       in_channels = planes * spec.expansion
       features.append(x)
     return features
@@ -289,12 +231,7 @@ def save_teacher(path: str, arch: str, variables: dict) -> None:
     'arch': arch,
     'variables': jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), variables),
   }
-  data = flax.serialization.msgpack_serialize(payload)
-  tmp = f'{path}.tmp'
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(tmp, 'wb') as f:
-    f.write(data)
-  os.replace(tmp, path)
+  files.atomic_write(path, flax.serialization.msgpack_serialize(payload))
 
 
 def load_teacher(arch: str, path: str) -> dict:
@@ -342,6 +279,14 @@ def load_teacher(arch: str, path: str) -> dict:
       f'{path!r} does not match the {arch} teacher: ' + '; '.join(problems[:10])
     )
   return variables
+
+
+def from_config(config: ml_collections.ConfigDict) -> dict:
+  """The teacher of a config: model.teacher_weights, or a random one from config.seed."""
+  arch = config.model.backbone
+  if config.model.teacher_weights:
+    return load_teacher(arch, config.model.teacher_weights)
+  return init_teacher(arch, seed=config.seed, warn=True)
 
 
 def fingerprint(variables: dict) -> float:

@@ -1,0 +1,138 @@
+"""The memory bank (MemAE addressing, hard shrinkage, modes) against numpy."""
+
+from __future__ import annotations
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from model_helpers import (
+  flat,
+)
+
+from msrd_jax import config as config_lib
+from msrd_jax import memory
+
+# -------------------------------------------------------------------- 2. memory bank
+
+
+def np_read_weights(z, m, tau, lam):
+  z, m = np.asarray(z, np.float64), np.asarray(m, np.float64)
+  cos = (z @ m.T) / (np.linalg.norm(z, axis=-1)[:, None] * np.linalg.norm(m, axis=-1))
+  s = cos / tau
+  w = np.exp(s - s.max(axis=-1, keepdims=True))
+  w = w / w.sum(axis=-1, keepdims=True)
+  if lam > 0:
+    w = np.maximum(w - lam, 0) * w / (np.abs(w - lam) + 1e-12)
+    w = w / (w.sum(axis=-1, keepdims=True) + 1e-12)
+  return w
+
+
+def np_entropy(w):
+  w = np.asarray(w, np.float64)
+  return np.mean(-np.sum(w * np.log(w + 1e-12), axis=-1))
+
+
+def _queries_and_memory(p=64, n=50, d=16, seed=0):
+  rng = np.random.default_rng(seed)
+  return (rng.normal(size=(p, d)).astype(np.float32), rng.normal(size=(n, d)).astype(np.float32))
+
+
+# lam <= 1/N: the largest softmax weight is >= 1/N, so no row is shrunk to all zeros.
+@pytest.mark.parametrize('tau,lam', [(0.05, 1 / 50), (0.05, 0.0), (0.5, 1 / 50), (1.0, 0.01)])
+def test_read_weights_match_numpy_and_are_convex(tau, lam):
+  z, m = _queries_and_memory()
+  w = np.asarray(memory.read_weights(jnp.asarray(z), jnp.asarray(m), tau, lam))
+  assert w.shape == (64, 50)
+  assert (w >= 0).all()
+  np.testing.assert_allclose(w.sum(axis=-1), 1.0, atol=1e-5)
+  np.testing.assert_allclose(w, np_read_weights(z, m, tau, lam), atol=1e-5)
+
+
+def test_shrinkage_makes_weights_sparse():
+  z, m = _queries_and_memory()
+  sparse = np.asarray(memory.read_weights(jnp.asarray(z), jnp.asarray(m), 0.05, 1 / 50))
+  dense = np.asarray(memory.read_weights(jnp.asarray(z), jnp.asarray(m), 0.05, 0.0))
+  assert (dense > 0).all()
+  # Most slots of every query are exactly zero, yet every query reads something.
+  assert (sparse == 0).mean() > 0.5
+  assert ((sparse > 0).sum(axis=-1) >= 1).all()
+  # Shrinkage zeroes exactly the slots whose softmax weight is below lambda.
+  np.testing.assert_array_equal(sparse == 0, dense <= 1 / 50)
+
+
+def test_read_weights_keep_summing_to_one_when_nothing_survives_shrinkage():
+  # An all-zero query has cosine 0 with every slot: the softmax is exactly uniform and
+  # hard shrinkage at 1/N would zero the whole row; it must still read a convex mix.
+  _, m = _queries_and_memory()
+  w = np.asarray(memory.read_weights(jnp.zeros((2, 16)), jnp.asarray(m), 0.05, 1 / 50))
+  np.testing.assert_allclose(w.sum(axis=-1), 1.0, atol=1e-6)
+  np.testing.assert_allclose(w, 1 / 50, atol=1e-7)
+
+
+def test_validate_bounds_the_shrink_threshold():
+  c = config_lib.base_config()
+  c.model.memory.shrink = 1.5
+  with pytest.raises(config_lib.ConfigError, match='model.memory.shrink'):
+    config_lib.validate(c)
+
+
+def test_entropy_matches_numpy():
+  z, m = _queries_and_memory(seed=3)
+  for tau, lam in [(0.05, 1 / 50), (0.5, 0.0)]:
+    w = np_read_weights(z, m, tau, lam).astype(np.float32)
+    got = float(memory.entropy(jnp.asarray(w)))
+    np.testing.assert_allclose(got, np_entropy(w), rtol=1e-5)
+  # One-hot rows have zero entropy, uniform rows log(N).
+  assert abs(float(memory.entropy(jnp.eye(5)))) < 1e-6
+  np.testing.assert_allclose(float(memory.entropy(jnp.full((3, 8), 1 / 8))), np.log(8), rtol=1e-6)
+
+
+def _bank_input(seed=0):
+  return np.random.default_rng(seed).normal(size=(2, 3, 4, 16)).astype(np.float32)
+
+
+def test_memory_replace_reads_w_times_m():
+  z = _bank_input()
+  bank = memory.MemoryBank(slots=10, temperature=0.1, mode='replace')
+  variables = bank.init(jax.random.key(0), jnp.asarray(z))
+  assert set(flat(variables)) == {('params', 'memory')}
+  mem = np.asarray(variables['params']['memory'])
+  assert mem.shape == (10, 16)
+  out, ent, w = bank.apply(variables, jnp.asarray(z))
+  w_ref = np_read_weights(z.reshape(-1, 16), mem, 0.1, 1 / 10)  # shrink None -> 1/N
+  np.testing.assert_allclose(np.asarray(w).reshape(-1, 10), w_ref, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(out), (w_ref @ mem).reshape(z.shape), atol=1e-5)
+  np.testing.assert_allclose(float(ent), np_entropy(w_ref), rtol=1e-4, atol=1e-6)
+
+
+def test_memory_residual_starts_as_identity_and_uses_gate():
+  z = _bank_input(1)
+  bank = memory.MemoryBank(slots=10, temperature=0.1, shrink=0.0, mode='residual')
+  variables = bank.init(jax.random.key(0), jnp.asarray(z))
+  params = flax.core.unfreeze(variables['params'])
+  assert set(params) == {'memory', 'gate'}
+  assert np.shape(params['gate']) == () and float(params['gate']) == 0.0
+  out, _, _ = bank.apply(variables, jnp.asarray(z))
+  np.testing.assert_array_equal(np.asarray(out), z)
+  params['gate'] = jnp.asarray(0.5, jnp.float32)
+  out, _, _ = bank.apply({'params': params}, jnp.asarray(z))
+  mem = np.asarray(params['memory'])
+  w_ref = np_read_weights(z.reshape(-1, 16), mem, 0.1, 0.0)
+  np.testing.assert_allclose(np.asarray(out), z + 0.5 * (w_ref @ mem).reshape(z.shape), atol=1e-5)
+
+
+def test_memory_off_is_identity_without_params():
+  z = _bank_input(2)
+  bank = memory.MemoryBank(mode='off')
+  variables = bank.init(jax.random.key(0), jnp.asarray(z))
+  assert not jax.tree_util.tree_leaves(variables)
+  out, ent, _ = bank.apply(variables, jnp.asarray(z))
+  np.testing.assert_array_equal(np.asarray(out), z)
+  assert float(ent) == 0.0
+
+
+def test_memory_unknown_mode_raises():
+  with pytest.raises(ValueError, match='memory mode'):
+    memory.MemoryBank(mode='sideways').init(jax.random.key(0), jnp.zeros((1, 2, 2, 4)))
