@@ -21,6 +21,9 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from msrd_jax import files
+from msrd_jax.errors import UserError
+
 # Fields a checkpoint depends on: parameter shapes, the teacher, the data stream.
 IDENTITY_FIELDS = (
   'seed',
@@ -34,7 +37,7 @@ IDENTITY_FIELDS = (
 )
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError):
   """A work directory holds a checkpoint of another, incompatible run."""
 
 
@@ -145,10 +148,7 @@ class Workdir:
       )
 
   def write_config(self, config: ml_collections.ConfigDict) -> None:
-    tmp = self.config_path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(tmp, self.config_path)
+    files.atomic_write(self.config_path, config.to_json_best_effort(indent=2, sort_keys=True))
 
   def save(self, step: int, state: dict, meta: dict) -> None:
     """Saves host copies of `state` (a pytree of arrays) and `meta` (JSON) at `step`.

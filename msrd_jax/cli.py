@@ -17,21 +17,13 @@ import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
-from msrd_jax import checkpoint, port, teacher
 from msrd_jax import config as config_lib
-from msrd_jax.data.errors import DataError
+from msrd_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 
-# The errors whose message is the whole story for the user.
-USER_ERRORS = (
-  DataError,
-  config_lib.ConfigError,
-  checkpoint.CheckpointMismatch,
-  teacher.TeacherFileError,
-  port.PortError,
-  FileNotFoundError,
-)
+# The errors whose message is the whole story for the user (a missing file included).
+USER_ERRORS = (UserError, FileNotFoundError)
 
 
 def define_flags(
@@ -59,7 +51,7 @@ def _raise_keyboard_interrupt(signum, frame):
   raise KeyboardInterrupt(f'signal {signum}')
 
 
-def run(argv, fn: Callable, extra_errors: tuple = ()) -> None:
+def run(argv, fn: Callable) -> None:
   """Calls fn(config, workdir) and turns user errors into one line and exit code 2."""
   if len(argv) > 1:
     raise SystemExit(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -69,8 +61,13 @@ def run(argv, fn: Callable, extra_errors: tuple = ()) -> None:
   enable_compilation_cache()
   # A scheduler's SIGTERM gets the same treatment as Ctrl-C: training saves its step.
   signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+  exit_on_user_error(fn, FLAGS.config, FLAGS.workdir)
+
+
+def exit_on_user_error(fn: Callable, *args):
+  """fn(*args); an error the user caused ends the process with one line and status 2."""
   try:
-    fn(FLAGS.config, FLAGS.workdir)
-  except USER_ERRORS + extra_errors as e:
+    return fn(*args)
+  except USER_ERRORS as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -10,6 +10,8 @@ import os
 
 import ml_collections
 
+from msrd_jax.errors import UserError
+
 ARCHITECTURES = ('resnet18', 'resnet34', 'resnet50', 'wide_resnet50_2', 'wide_resnet101_2')
 FUSIONS = ('msff', 'mff')
 ATTENTION_PLACES = ('fusion', 'decoder')
@@ -88,7 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
   """A config field holds a value the code cannot use."""
 
 

@@ -17,20 +17,23 @@ error that names the key (and both shapes).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import re
-import sys
 from collections.abc import Mapping, Sequence
 
 import flax
 import numpy as np
+from absl import app, flags
 
+from msrd_jax import cli
 from msrd_jax import teacher as teacher_lib
+from msrd_jax.errors import UserError
+
+FLAGS = flags.FLAGS
 
 
-class PortError(ValueError):
+class PortError(UserError):
   """A state_dict that does not fit the requested teacher, or a file that is none."""
 
 
@@ -189,6 +192,11 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 def port(arch: str, input_path: str, output_path: str) -> dict:
   """Reads torch weights, converts them and writes the Flax teacher file."""
   teacher_lib.arch_spec(arch)
+  if os.path.exists(output_path) and os.path.samefile(input_path, output_path):
+    raise PortError(
+      f'--output {output_path!r} is the input file; choose another name so that the '
+      'source weights are kept'
+    )
   state = read_state_dict(input_path)
   try:
     variables = convert_state_dict(arch, state)
@@ -198,25 +206,17 @@ def port(arch: str, input_path: str, output_path: str) -> dict:
   return variables
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-    prog='python -m msrd_jax.port',
-    description=__doc__.split('\n\n')[0],
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-  )
-  parser.add_argument('--arch', required=True, choices=list(teacher_lib.ARCH_SPECS))
-  parser.add_argument('--input', required=True, help='.pth/.pt or .safetensors file')
-  parser.add_argument('--output', required=True, help='teacher file to write')
-  args = parser.parse_args(argv)
-  try:
-    variables = port(args.arch, args.input, args.output)
-  except (PortError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  variables = cli.exit_on_user_error(port, FLAGS.arch, FLAGS.input, FLAGS.output)
   count = sum(np.size(x) for x in flax.traverse_util.flatten_dict(variables).values())
-  print(f'wrote {args.output}: {args.arch} teacher, {count:,} values')
-  return 0
+  print(f'wrote {FLAGS.output}: {FLAGS.arch} teacher, {count:,} values')
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  flags.DEFINE_enum('arch', None, list(teacher_lib.ARCH_SPECS), 'Teacher architecture.')
+  flags.DEFINE_string('input', None, '.pth/.pt or .safetensors file (a torchvision state_dict).')
+  flags.DEFINE_string('output', None, 'Teacher file to write.')
+  flags.mark_flags_as_required(['arch', 'input', 'output'])
+  app.run(main)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -104,7 +106,38 @@ def test_port_ignores_layer4_fc_and_batch_counters():
   jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 
 
-def test_cli_safetensors_and_pth_give_the_same_teacher(tmp_path, capsys):
+def _port_cli(arch, src, out) -> subprocess.CompletedProcess:
+  """`python -m msrd_jax.port` as a user runs it."""
+  return subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'msrd_jax.port',
+      '--arch',
+      arch,
+      '--input',
+      str(src),
+      '--output',
+      str(out),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+
+
+def test_cli_refuses_to_overwrite_its_input(tmp_path):
+  from safetensors.numpy import save_file
+
+  src = tmp_path / 'r18.safetensors'
+  save_file(_resnet18_state(), str(src))
+  before = src.read_bytes()
+  done = _port_cli('resnet18', src, src)
+  assert done.returncode == 2 and 'is the input file' in done.stderr
+  assert src.read_bytes() == before
+
+
+def test_cli_safetensors_and_pth_give_the_same_teacher(tmp_path):
   from safetensors.numpy import save_file
 
   torch = pytest.importorskip('torch')
@@ -114,20 +147,9 @@ def test_cli_safetensors_and_pth_give_the_same_teacher(tmp_path, capsys):
   pth = tmp_path / 'r18.pth'
   torch.save({k: torch.from_numpy(v) for k, v in state.items()}, str(pth))
   for src in (st, pth):
-    assert (
-      port.main(
-        [
-          '--arch',
-          'resnet18',
-          '--input',
-          str(src),
-          '--output',
-          str(tmp_path / f'{src.suffix[1:]}.msgpack'),
-        ]
-      )
-      == 0
-    )
-  assert 'wrote' in capsys.readouterr().out
+    done = _port_cli('resnet18', src, tmp_path / f'{src.suffix[1:]}.msgpack')
+    assert done.returncode == 0, done.stderr
+    assert 'wrote' in done.stdout
   a = teacher.load_teacher('resnet18', str(tmp_path / 'safetensors.msgpack'))
   b = teacher.load_teacher('resnet18', str(tmp_path / 'pth.msgpack'))
   jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
@@ -153,15 +175,17 @@ def test_cli_safetensors_and_pth_give_the_same_teacher(tmp_path, capsys):
     (b'{}', '.json', 'unknown weight format'),
   ],
 )
-def test_cli_rejects_files_that_are_not_checkpoints(tmp_path, capsys, content, suffix, match):
+def test_cli_rejects_files_that_are_not_checkpoints(tmp_path, content, suffix, match):
   if suffix == '.pth':
     pytest.importorskip('torch')
   bad = tmp_path / f'bad{suffix}'
   bad.write_bytes(content)
   out = tmp_path / 'out.msgpack'
-  assert port.main(['--arch', 'resnet18', '--input', str(bad), '--output', str(out)]) == 2
-  err = capsys.readouterr().err
+  done = _port_cli('resnet18', bad, out)
+  assert done.returncode == 2
+  err = done.stderr.strip()
   assert match in err and str(bad) in err
+  assert 'Traceback' not in err
   assert not out.exists()
 
 

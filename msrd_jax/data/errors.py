@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from msrd_jax.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
   """A data set, file or data argument is not what the data package expects.
 
   The message names the file or folder concerned and what was expected, so
