@@ -19,6 +19,10 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 from absl import app, flags
+from ml_collections import config_flags
+
+from msrd_jax import model as model_lib
+from msrd_jax import teacher, train
 
 FLAGS = flags.FLAGS
 
@@ -38,7 +42,6 @@ def time_calls(fn: Callable[[], object], iters: int = 5, repeats: int = 3) -> fl
 
 def bench_teacher(arch: str, size: int, batch: int, iters: int, repeats: int) -> float:
   """Images/s of the teacher forward (layer1..3) on random weights."""
-  from msrd_jax import teacher  # pylint: disable=g-import-not-at-top
 
   variables = teacher.init_teacher(arch, warn=False)
   images = jax.device_put(
@@ -54,8 +57,6 @@ def bench_train_step(config, batch: int, iters: int, repeats: int) -> float:
 
   One device, no pmap, random teacher; the config decides backbone, size and modules.
   """
-  from msrd_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  from msrd_jax import teacher, train  # pylint: disable=g-import-not-at-top
 
   teacher_vars = teacher.init_teacher(config.model.backbone, warn=False)
   model = model_lib.MSRD(config)
@@ -77,15 +78,10 @@ def bench_train_step(config, batch: int, iters: int, repeats: int) -> float:
 
 def parameter_counts(config) -> dict[str, int]:
   """Parameters per module (teacher and each part of the student), without allocating."""
-  from msrd_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  from msrd_jax import teacher  # pylint: disable=g-import-not-at-top
 
   count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
   teacher_shapes = teacher.teacher_shapes(config.model.backbone)
-  student = jax.eval_shape(
-    lambda tv: model_lib.MSRD(config).init(jax.random.key(0), tv, config.data.image_size),
-    teacher_shapes,
-  )
+  student = model_lib.MSRD(config).abstract_variables(config.data.image_size)
   counts = {'teacher (frozen)': count(teacher_shapes['params'])}
   counts.update({k: count(v) for k, v in student['params'].items()})
   counts['student total (trained)'] = count(student['params'])
@@ -93,7 +89,6 @@ def parameter_counts(config) -> dict[str, int]:
 
 
 def main(argv: Sequence[str]) -> None:
-  from msrd_jax import teacher  # pylint: disable=g-import-not-at-top
 
   if len(argv) != 2 or argv[1] not in ('teacher', 'train', 'params'):
     raise app.UsageError('usage: python -m msrd_jax.benchmark {teacher,train,params} [--flags]')
@@ -128,8 +123,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
   config_flags.DEFINE_config_file(
     'config',
     'configs/synthetic.py',

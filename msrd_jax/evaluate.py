@@ -17,69 +17,19 @@ anomaly maps of every test image on the device (one jitted function), and writes
 from __future__ import annotations
 
 import csv
-import json
+import dataclasses
+import io
 import os
-from collections.abc import Callable
 
 import jax
 import ml_collections
 import numpy as np
+from absl import app
 from tqdm import tqdm
 
-from msrd_jax import anomaly_map as anomaly_map_lib
-from msrd_jax import checkpoint, metrics, visualize
+from msrd_jax import cli, files, inference, metric_writers, metrics, visualize
 from msrd_jax import config as config_lib
 from msrd_jax import data as data_lib
-from msrd_jax import teacher as teacher_lib
-from msrd_jax import train as train_lib
-from msrd_jax.model import MSRD
-
-
-def make_predict_fn(model: MSRD, config: ml_collections.ConfigDict) -> Callable:
-  """A jitted (teacher_vars, student_vars, images) -> (maps (B, R, R), scores (B,)).
-
-  images: (B, S, S, 3) float32 in [0, 1]; R = eval.resolution (default S).
-  """
-  resolution = config.eval.resolution or config.data.image_size
-  e = config.eval
-
-  @jax.jit
-  def predict(teacher_vars, student_vars, images):
-    feats, decoded, _ = model.apply_eval(teacher_vars, student_vars, images)
-    return anomaly_map_lib.anomaly_map(
-      feats,
-      decoded,
-      resolution,
-      mode=e.map_mode,
-      sigma=float(e.sigma),
-      align_corners=bool(e.align_corners),
-    )
-
-  return predict
-
-
-def load_run(
-  config: ml_collections.ConfigDict, workdir: str, teacher_vars: dict | None = None
-) -> tuple[MSRD, dict, dict, dict]:
-  """(model, teacher_vars, student_vars, meta) of the latest checkpoint in `workdir`.
-
-  teacher_vars: the config's teacher if already loaded (else it is loaded here). Only
-  the student's parameters and BN statistics are read, not the optimizer state.
-  Raises FileNotFoundError when there is no checkpoint, CheckpointMismatch when it was
-  made with another config or another teacher.
-  """
-  config_lib.validate(config)
-  if teacher_vars is None:
-    teacher_vars = train_lib.load_teacher_variables(config)
-  model = MSRD(config)
-  template = train_lib.state_template(model, train_lib.make_optimizer(config), teacher_vars, config)
-  template = {'params': template.params, 'batch_stats': template.batch_stats}
-  with checkpoint.Workdir(workdir, create=False) as wd:
-    if wd.latest_step() is None:
-      raise FileNotFoundError(f'no checkpoint in {wd.checkpoint_dir!r}: train first')
-    wd.check_compatible(config, teacher_lib.fingerprint(teacher_vars))
-    student_vars, meta = wd.restore(template, partial=True)
-  return model, teacher_vars, student_vars, meta
 
 
 def picture_indices(labels: np.ndarray, count: int) -> np.ndarray:
@@ -94,6 +44,126 @@ def picture_indices(labels: np.ndarray, count: int) -> np.ndarray:
   return np.sort(np.concatenate([pick(defective, n_bad), pick(good, n_good)]))
 
 
+@dataclasses.dataclass
+class TestScores:
+  """Everything scored on a test split: (N, R, R) maps and masks, (N,) scores and labels.
+
+  images: {index: (R, R, 3) image} for the indices asked for (pictures).
+  """
+
+  samples: list
+  amaps: np.ndarray
+  masks: np.ndarray
+  scores: np.ndarray
+  labels: np.ndarray
+  images: dict[int, np.ndarray]
+
+
+def score_split(
+  run: inference.Run, samples: list, keep_images: set[int] = frozenset()
+) -> TestScores:
+  """Maps and scores of `samples` (with their masks) under a trained run."""
+  config = run.config
+  size, resolution = config.data.image_size, run.resolution
+  loader = data_lib.EvalLoader(
+    samples,
+    size,
+    config.eval.batch_size,
+    resolution,
+    num_threads=config.data.num_threads,
+    prefetch=config.data.prefetch,
+  )
+  n = len(samples)
+  out = TestScores(
+    samples,
+    np.empty((n, resolution, resolution), np.float32),
+    np.empty((n, resolution, resolution), np.uint8),
+    np.empty((n,), np.float32),
+    np.array([s.label for s in samples], np.int32),
+    {},
+  )
+  row = 0
+  bar = tqdm(total=n, desc=f'evaluate {config.data.category}', unit='image', dynamic_ncols=True)
+  with bar:
+    for batch, maps, scores in inference.predictions(run, loader):
+      valid = len(scores)
+      out.amaps[row : row + valid] = maps
+      out.scores[row : row + valid] = scores
+      out.masks[row : row + valid] = batch['mask'][:valid]
+      for i in range(valid):
+        if row + i in keep_images:  # shown at the maps' resolution
+          image = batch['image'][i]
+          out.images[row + i] = (
+            image if resolution == size else data_lib.resize_image(image, resolution)
+          )
+      row += valid
+      bar.update(valid)
+  assert row == n, (row, n)
+  return out
+
+
+def compute_metrics(t: TestScores) -> tuple[dict[str, float], dict[str, float]]:
+  """(metrics of the whole split, image AUROC per defect type against the good images)."""
+  results = {
+    k: float(v) for k, v in metrics.evaluate_all(t.scores, t.labels, t.amaps, t.masks).items()
+  }
+  per_defect = {}
+  for defect in sorted({s.defect_type for s in t.samples} - {'good'}):
+    chosen = np.array([s.defect_type in ('good', defect) for s in t.samples])
+    if chosen.any() and (t.labels[chosen] == 0).any():
+      per_defect[defect] = metrics.image_auroc(t.scores[chosen], t.labels[chosen])
+  return results, per_defect
+
+
+def write_reports(
+  workdir: str, run: inference.Run, t: TestScores, results: dict, per_defect: dict, pictures: bool
+) -> None:
+  """results.json / .md, evaluation.json, test_scores.csv and the pictures of a run."""
+  config, category = run.config, run.config.data.category
+  files.write_json(os.path.join(workdir, 'results.json'), {category: results})
+  files.atomic_write(
+    os.path.join(workdir, 'results.md'),
+    visualize.results_table_markdown({category: results}) + '\n',
+  )
+  files.write_json(
+    os.path.join(workdir, 'evaluation.json'),
+    {
+      'category': category,
+      'checkpoint_step': int(run.meta['data_step']),
+      'trained_steps': int(run.meta.get('num_steps', run.meta['data_step'])),
+      'test_images': len(t.samples),
+      'defective_images': int(t.labels.sum()),
+      'image_auroc_per_defect_type': per_defect,
+      'teacher_weights': config.model.teacher_weights,
+    },
+  )
+  table = io.StringIO()
+  writer = csv.writer(table, lineterminator='\n')
+  writer.writerow(['name', 'defect_type', 'label', 'score'])
+  writer.writerows(
+    [s.name, s.defect_type, s.label, float(t.scores[i])] for i, s in enumerate(t.samples)
+  )
+  files.atomic_write(os.path.join(workdir, 'test_scores.csv'), table.getvalue())
+  if pictures:
+    folder = os.path.join(workdir, 'pictures')
+    os.makedirs(folder, exist_ok=True)
+    idx = np.array(sorted(t.images), dtype=int)
+    if len(idx):
+      visualize.save_examples(
+        os.path.join(folder, 'examples.png'),
+        np.stack([t.images[i] for i in idx]),
+        t.masks[idx],
+        t.amaps[idx],
+        [t.samples[i].name for i in idx],
+        t.scores[idx],
+        t.labels[idx],
+        max_rows=len(idx),
+      )
+    visualize.save_curves(
+      os.path.join(folder, 'curves.png'), t.scores, t.labels, t.amaps, t.masks, values=results
+    )
+
+
 def evaluate(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -104,120 +174,26 @@ def evaluate(
 
   teacher_vars: the config's teacher, if the caller has loaded it already.
   """
-  model, teacher_vars, student_vars, meta = load_run(config, workdir, teacher_vars)
+  run = inference.load_run(config, workdir, teacher_vars)
   reader, root = config_lib.resolve_data(config)
-  category = config.data.category
-  samples = data_lib.list_samples(reader, root, category, 'test')
-  size = config.data.image_size
-  resolution = config.eval.resolution or size
-  loader = data_lib.EvalLoader(
-    samples,
-    size,
-    config.eval.batch_size,
-    resolution,
-    num_threads=config.data.num_threads,
-    prefetch=config.data.prefetch,
-  )
-  predict = make_predict_fn(model, config)
-  teacher_vars = jax.device_put(teacher_vars)
-  student_vars = jax.device_put(student_vars)
-
-  n = len(samples)
+  samples = data_lib.list_samples(reader, root, config.data.category, 'test')
   labels = np.array([s.label for s in samples], np.int32)
   keep = set(picture_indices(labels, config.eval.num_pictures).tolist()) if pictures else set()
-  amaps = np.empty((n, resolution, resolution), np.float32)
-  masks = np.empty((n, resolution, resolution), np.uint8)
-  scores = np.empty((n,), np.float32)
-  kept_images = {}
-  row = 0
-  for batch in tqdm(loader, desc=f'evaluate {category}', unit='batch', dynamic_ncols=True):
-    maps, batch_scores = jax.device_get(predict(teacher_vars, student_vars, batch['image']))
-    valid = int(np.sum(batch['valid']))
-    amaps[row : row + valid] = maps[:valid]
-    scores[row : row + valid] = batch_scores[:valid]
-    masks[row : row + valid] = batch['mask'][:valid]
-    for i in range(valid):
-      if row + i in keep:  # shown at the maps' resolution
-        kept_images[row + i] = (
-          batch['image'][i]
-          if resolution == size
-          else data_lib.resize_image(batch['image'][i], resolution)
-        )
-    row += valid
-  assert row == n, (row, n)
-
-  results = metrics.evaluate_all(scores, labels, amaps, masks)
-  results = {k: float(v) for k, v in results.items()}
-  per_defect = {}
-  for defect in sorted({s.defect_type for s in samples} - {'good'}):
-    chosen = np.array([s.defect_type in ('good', defect) for s in samples])
-    if chosen.any() and (labels[chosen] == 0).any():
-      per_defect[defect] = metrics.image_auroc(scores[chosen], labels[chosen])
-
-  os.makedirs(workdir, exist_ok=True)
-  _write_json(os.path.join(workdir, 'results.json'), {category: results})
-  with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write(visualize.results_table_markdown({category: results}) + '\n')
-  _write_json(
-    os.path.join(workdir, 'evaluation.json'),
-    {
-      'category': category,
-      'checkpoint_step': int(meta['data_step']),
-      'trained_steps': int(meta.get('num_steps', meta['data_step'])),
-      'test_images': n,
-      'defective_images': int(labels.sum()),
-      'image_auroc_per_defect_type': per_defect,
-      'teacher_weights': config.model.teacher_weights,
-    },
-  )
-  with open(os.path.join(workdir, 'test_scores.csv'), 'w', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(['name', 'defect_type', 'label', 'score'])
-    writer.writerows(
-      [s.name, s.defect_type, s.label, float(scores[i])] for i, s in enumerate(samples)
-    )
-  if pictures:
-    folder = os.path.join(workdir, 'pictures')
-    os.makedirs(folder, exist_ok=True)
-    idx = np.array(sorted(kept_images))
-    if len(idx):
-      visualize.save_examples(
-        os.path.join(folder, 'examples.png'),
-        np.stack([kept_images[i] for i in idx]),
-        masks[idx],
-        amaps[idx],
-        [samples[i].name for i in idx],
-        scores[idx],
-        labels[idx],
-        max_rows=len(idx),
-      )
-    visualize.save_curves(
-      os.path.join(folder, 'curves.png'), scores, labels, amaps, masks, values=results
-    )
-  return {category: results}
-
-
-def _write_json(path: str, payload: dict) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  scored = score_split(run, samples, keep)
+  results, per_defect = compute_metrics(scored)
+  write_reports(workdir, run, scored, results, per_defect, pictures)
+  with metric_writers.MetricWriter(workdir, enabled=jax.process_index() == 0) as writer:
+    writer.add_scalars(int(run.meta['data_step']), results, prefix='eval')
+  return {config.data.category: results}
 
 
 def main(argv) -> None:
-  from msrd_jax import cli  # pylint: disable=g-import-not-at-top
-
   def run(config, workdir):
-    results = evaluate(config, workdir)
-    print(visualize.results_table_markdown(results))
+    print(visualize.results_table_markdown(evaluate(config, workdir)))
 
   cli.run(argv, run)
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-
-  from msrd_jax import cli  # pylint: disable=g-import-not-at-top
-
   cli.define_flags()
   app.run(main)

@@ -16,16 +16,14 @@ import csv
 import os
 from collections.abc import Sequence
 
-import jax
 import ml_collections
 import numpy as np
-from absl import flags
+from absl import app, flags
 from PIL import Image
 from tqdm import tqdm
 
+from msrd_jax import cli, inference, visualize
 from msrd_jax import data as data_lib
-from msrd_jax import evaluate as evaluate_lib
-from msrd_jax import visualize
 
 FLAGS = flags.FLAGS
 
@@ -61,8 +59,7 @@ def predict(
   evaluation). Output files are named after each image's path relative to `root`
   (folders joined with '__'), or after its file name when `root` is None.
   """
-  model, teacher_vars, student_vars, _ = evaluate_lib.load_run(config, workdir)
-  predict_fn = evaluate_lib.make_predict_fn(model, config)
+  run = inference.load_run(config, workdir)
   samples = [data_lib.Sample(p, None, 0, 'unknown', p) for p in inputs]
   loader = data_lib.EvalLoader(
     samples,
@@ -73,14 +70,16 @@ def predict(
   )
   os.makedirs(output, exist_ok=True)
   records, shown = [], []
-  for batch in tqdm(loader, desc='predict', unit='batch', dynamic_ncols=True):
-    amaps, scores = jax.device_get(predict_fn(teacher_vars, student_vars, batch['image']))
-    for i in range(int(np.sum(batch['valid']))):
-      path = batch['name'][i]
-      y, x = np.unravel_index(np.argmax(amaps[i]), amaps[i].shape)
-      records.append({'file': path, 'score': float(scores[i]), 'max_y': int(y), 'max_x': int(x)})
-      image = (255 * batch['image'][i]).round().astype(np.uint8)  # 4x less memory
-      shown.append((path, image, amaps[i]))
+  bar = tqdm(total=len(samples), desc='predict', unit='image', dynamic_ncols=True)
+  with bar:
+    for batch, amaps, scores in inference.predictions(run, loader):
+      for i in range(len(scores)):
+        path = batch['name'][i]
+        y, x = np.unravel_index(np.argmax(amaps[i]), amaps[i].shape)
+        records.append({'file': path, 'score': float(scores[i]), 'max_y': int(y), 'max_x': int(x)})
+        image = (255 * batch['image'][i]).round().astype(np.uint8)  # 4x less memory
+        shown.append((path, image, amaps[i]))
+      bar.update(len(scores))
   # One color scale for all heatmaps, so that colors compare across images.
   vmin = min(float(m.min()) for _, _, m in shown)
   vmax = max(float(m.max()) for _, _, m in shown)
@@ -100,8 +99,6 @@ def predict(
 
 
 def main(argv) -> None:
-  from msrd_jax import cli  # pylint: disable=g-import-not-at-top
-
   def run(config, workdir):
     root = FLAGS.input if os.path.isdir(FLAGS.input) else None
     records = predict(
@@ -113,10 +110,6 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-
-  from msrd_jax import cli  # pylint: disable=g-import-not-at-top
-
   cli.define_flags('Directory of the trained run.')
   flags.DEFINE_string('input', None, 'An image file or a folder of images.')
   flags.DEFINE_string('output', None, 'Folder for scores.csv and the heatmaps.')

@@ -18,11 +18,12 @@ import json
 import os
 
 import ml_collections
-from absl import flags
+from absl import app, flags
 
+from msrd_jax import cli, files, visualize
 from msrd_jax import config as config_lib
 from msrd_jax import data as data_lib
-from msrd_jax import visualize
+from msrd_jax import train as train_lib
 
 FLAGS = flags.FLAGS
 
@@ -59,7 +60,6 @@ def run_all(
   config: ml_collections.ConfigDict, workdir: str, categories: list[str] | None = None
 ) -> dict[str, dict[str, float]]:
   """Trains and evaluates each category (skipping finished ones); returns all results."""
-  from msrd_jax import train as train_lib  # pylint: disable=g-import-not-at-top
 
   config_lib.validate(config)
   categories = categories or discover_categories(config)
@@ -83,31 +83,21 @@ def run_all(
 
 
 def _write(workdir: str, results: dict) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  tmp = os.path.join(workdir, 'results.json.tmp')
-  with open(tmp, 'w') as f:
-    json.dump(results, f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(workdir, 'results.json'))
-  with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write(visualize.results_table_markdown(results) + '\n')
+  files.write_json(os.path.join(workdir, 'results.json'), results)
+  files.atomic_write(
+    os.path.join(workdir, 'results.md'), visualize.results_table_markdown(results) + '\n'
+  )
 
 
 def main(argv) -> None:
-  from msrd_jax import cli  # pylint: disable=g-import-not-at-top
-  from msrd_jax import train as train_lib  # pylint: disable=g-import-not-at-top
-
   def run(config, workdir):
     categories = [c for c in FLAGS.categories.split(',') if c] if FLAGS.categories else None
     print(visualize.results_table_markdown(run_all(config, workdir, categories)))
 
-  cli.run(argv, run, extra_errors=(train_lib.TrainingDiverged,))
+  cli.run(argv, run)
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-
-  from msrd_jax import cli  # pylint: disable=g-import-not-at-top
-
   cli.define_flags('Directory of the whole run: one sub-folder per category.')
   flags.DEFINE_string('categories', None, 'Comma-separated categories (default: all).')
   app.run(main)

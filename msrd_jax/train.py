@@ -11,9 +11,7 @@ set, the test set is evaluated at the end (see msrd_jax.evaluate).
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -25,18 +23,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import app
 from tqdm import tqdm
 
-from msrd_jax import checkpoint, losses
+from msrd_jax import checkpoint, cli, evaluate, losses, metric_writers
 from msrd_jax import config as config_lib
 from msrd_jax import data as data_lib
 from msrd_jax import teacher as teacher_lib
+from msrd_jax.errors import UserError
 from msrd_jax.model import MSRD
 
 AXIS = 'batch'
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError):
   """The loss or the parameters became NaN or Inf."""
 
 
@@ -48,20 +48,11 @@ class TrainState:
   params: Any
   batch_stats: Any
   opt_state: Any
-  rng: jax.Array
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   t = config.train
   return optax.adam(t.learning_rate, b1=t.b1, b2=t.b2)
-
-
-def load_teacher_variables(config: ml_collections.ConfigDict) -> dict:
-  """The teacher of a config: ported weights, or a random one from config.seed."""
-  arch = config.model.backbone
-  if config.model.teacher_weights:
-    return teacher_lib.load_teacher(arch, config.model.teacher_weights)
-  return teacher_lib.init_teacher(arch, seed=config.seed, warn=True)
 
 
 def create_state(
@@ -71,14 +62,12 @@ def create_state(
   config: ml_collections.ConfigDict,
 ) -> TrainState:
   """A fresh state (step 0) on the host's default device."""
-  rng, init_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  variables = model.init(init_rng, teacher_vars, config.data.image_size)
+  variables = model.init(jax.random.PRNGKey(config.seed), teacher_vars, config.data.image_size)
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=variables['params'],
     batch_stats=variables['batch_stats'],
     opt_state=tx.init(variables['params']),
-    rng=rng,
   )
 
 
@@ -170,11 +159,10 @@ def _host_state(state: TrainState) -> dict:
 
 
 class _Log:
-  """metrics.jsonl (appended) and the progress bar's figures."""
+  """metrics.jsonl and TensorBoard (process 0), and the progress bar's figures."""
 
-  def __init__(self, path: str, enabled: bool, batch_size: int, start_step: int):
-    self.path = path
-    self.enabled = enabled
+  def __init__(self, workdir: str, enabled: bool, batch_size: int, start_step: int):
+    self.writer = metric_writers.MetricWriter(workdir, enabled, resume_step=start_step)
     self.batch_size = batch_size
     self.last = (start_step, time.perf_counter())
 
@@ -185,10 +173,8 @@ class _Log:
     self.last = (step_done, now)
     return steps * self.batch_size / max(seconds, 1e-9)
 
-  def write(self, record: dict) -> None:
-    if self.enabled:
-      with open(self.path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
+  def write(self, step: int, record: dict) -> None:
+    self.writer.write(step, record)
 
 
 def train(
@@ -229,7 +215,7 @@ def train(
   num_steps = total_steps(config, loader.num_samples)
 
   if teacher_vars is None:
-    teacher_vars = load_teacher_variables(config)
+    teacher_vars = teacher_lib.from_config(config)
   model = MSRD(config, bn_axis_name=AXIS)
   tx = make_optimizer(config)
 
@@ -269,7 +255,7 @@ def train(
     p_step = jax.pmap(make_train_step(model, tx, config), axis_name=AXIS, donate_argnums=(0,))
     state = _replicate(state, devices)
     teacher_r = _replicate(teacher_vars, devices)
-    log = _Log(os.path.join(wd.path, 'metrics.jsonl'), is_main, config.train.batch_size, start)
+    log = _Log(wd.path, is_main, config.train.batch_size, start)
     every = config.train.checkpoint_every_steps
     bar = tqdm(
       total=num_steps,
@@ -300,12 +286,12 @@ def train(
       rate = log.images_per_second(step_done)
       bar.set_postfix(loss=f'{m["loss"]:.4f}', img_s=f'{rate:.1f}')
       log.write(
+        step_done,
         {
-          'step': step_done,
           'epoch': round(step_done / loader.steps_per_epoch, 3),
           **m,
           'images_per_second': rate,
-        }
+        },
       )
 
     try:
@@ -331,6 +317,7 @@ def train(
       raise
     finally:
       bar.close()
+      log.writer.close()
     return jax.device_get(_unreplicate(state))
 
 
@@ -367,25 +354,17 @@ def train_and_evaluate(
   evaluate_after: None follows config.eval.after_training. The teacher is loaded once
   for both.
   """
-  teacher_vars = load_teacher_variables(config)
+  teacher_vars = teacher_lib.from_config(config)
   train(config, workdir, teacher_vars=teacher_vars)
   if not (config.eval.after_training if evaluate_after is None else evaluate_after):
     return None
-  from msrd_jax import evaluate  # pylint: disable=g-import-not-at-top
-
   return evaluate.evaluate(config, workdir, teacher_vars=teacher_vars)
 
 
 def main(argv) -> None:
-  from msrd_jax import cli  # pylint: disable=g-import-not-at-top
-
-  cli.run(argv, train_and_evaluate, extra_errors=(TrainingDiverged,))
+  cli.run(argv, train_and_evaluate)
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-
-  from msrd_jax import cli  # pylint: disable=g-import-not-at-top
-
   cli.define_flags()
   app.run(main)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import pytest
 
 from msrd_jax import config as config_lib
+from msrd_jax import teacher, train
 from msrd_jax.data.synthetic import ensure_synthetic
 
 TRAIN_CATEGORIES = ('brick', 'grass')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='session', autouse=True)
@@ -43,3 +49,29 @@ def tiny_config(root: str, category: str = 'brick', steps: int = 6):
   c.eval.batch_size = 16
   c.eval.num_pictures = 4
   return c
+
+
+def cli(module: str, *args: str) -> subprocess.CompletedProcess:
+  """`python -m MODULE ARGS` from the repository root, as a user runs it."""
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  return subprocess.run(
+    [sys.executable, '-m', module, *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+
+
+@pytest.fixture(scope='session')
+def run_with_teacher_file(synthetic_root, tmp_path_factory):
+  """A short run whose teacher comes from a file, as a ported one would."""
+  base = tmp_path_factory.mktemp('teacher_run')
+  weights = str(base / 'teacher.msgpack')
+  teacher.save_teacher(weights, 'resnet18', teacher.init_teacher('resnet18', seed=3, warn=False))
+  config = tiny_config(synthetic_root, steps=2)
+  config.model.teacher_weights = weights
+  workdir = str(base / 'run')
+  train.train(config, workdir)
+  return config, workdir, weights

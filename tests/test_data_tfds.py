@@ -63,6 +63,7 @@ def _check(builder):
   assert 'tensorflow' not in sys.modules
 
 
+@pytest.mark.slow
 def test_build_from_extracted_folder(tmp_path):
   _fake_mvtec(tmp_path / 'manual')
   builder = tfds_mvtec.prepare('bottle', tmp_path / 'data', tmp_path / 'manual')
@@ -77,6 +78,7 @@ def test_build_from_extracted_folder(tmp_path):
   assert len(again.as_data_source(split='train')) == 5
 
 
+@pytest.mark.slow
 def test_build_from_archive(tmp_path):
   _fake_mvtec(tmp_path / 'extracted')
   (tmp_path / 'manual').mkdir()

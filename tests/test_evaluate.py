@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import cli as _cli
 from conftest import tiny_config
 from PIL import Image
 
-from msrd_jax import checkpoint, evaluate, run_all, teacher, train
+from msrd_jax import checkpoint, evaluate, teacher, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = (
   'image_auroc',
   'pixel_auroc',
@@ -28,23 +25,12 @@ METRICS = (
 )
 
 
-def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  return subprocess.run(
-    [sys.executable, '-m', module, *args],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=900,
-  )
-
-
 def _check_png(path: str) -> None:
   with Image.open(path) as im:
     assert im.format == 'PNG' and min(im.size) >= 100
 
 
+@pytest.mark.slow
 def test_demo_command_trains_then_writes_results_and_pictures(synthetic_root, tmp_path):
   # The README's main job, at test scale: the synthetic config, two overrides shorter.
   out = _cli(
@@ -98,19 +84,7 @@ def test_train_without_data_says_where_to_get_it(tmp_path):
   assert 'Traceback' not in out.stderr
 
 
-@pytest.fixture(scope='module')
-def run_with_teacher_file(synthetic_root, tmp_path_factory):
-  """A short run whose teacher comes from a file, as a ported one would."""
-  base = tmp_path_factory.mktemp('teacher_run')
-  weights = str(base / 'teacher.msgpack')
-  teacher.save_teacher(weights, 'resnet18', teacher.init_teacher('resnet18', seed=3, warn=False))
-  config = tiny_config(synthetic_root, steps=2)
-  config.model.teacher_weights = weights
-  workdir = str(base / 'run')
-  train.train(config, workdir)
-  return config, workdir, weights
-
-
+@pytest.mark.slow
 def test_evaluate_in_process_matches_its_files(run_with_teacher_file):
   config, workdir, _ = run_with_teacher_file
   results = evaluate.evaluate(config, workdir, pictures=False)
@@ -120,6 +94,7 @@ def test_evaluate_in_process_matches_its_files(run_with_teacher_file):
   assert evaluate.evaluate(config, workdir, pictures=False) == results
 
 
+@pytest.mark.slow
 def test_evaluation_at_another_resolution_than_the_input(run_with_teacher_file, tmp_path):
   config, workdir, _ = run_with_teacher_file
   other = config.copy_and_resolve_references()
@@ -133,6 +108,7 @@ def test_evaluation_at_another_resolution_than_the_input(run_with_teacher_file, 
   _check_png(copy / 'pictures' / 'examples.png')
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_checkpoint_of_another_teacher(run_with_teacher_file, tmp_path):
   config, workdir, _ = run_with_teacher_file
   other = config.copy_and_resolve_references()
@@ -152,28 +128,7 @@ def test_evaluate_refuses_a_checkpoint_of_another_teacher(run_with_teacher_file,
       f.write(original)
 
 
-def test_predict_scores_new_images_as_evaluation_does(run_with_teacher_file, tmp_path):
-  from msrd_jax import predict
-
-  config, workdir, _ = run_with_teacher_file
-  evaluate.evaluate(config, workdir, pictures=False)
-  with open(os.path.join(workdir, 'test_scores.csv')) as f:
-    expected = {row['name']: float(row['score']) for row in csv.DictReader(f)}
-  folder = os.path.join(config.data.root, 'brick', 'test', 'scratch')
-  paths = predict.find_images(folder)
-  records = predict.predict(config, workdir, paths, str(tmp_path), root=folder)
-  assert len(records) == len(paths) == 8
-  for r in records:
-    name = 'test/scratch/' + os.path.basename(r['file'])
-    assert abs(r['score'] - expected[name]) <= 1e-5 * abs(expected[name])
-    stem = os.path.splitext(os.path.basename(r['file']))[0]
-    with Image.open(tmp_path / f'{stem}_heatmap.png') as im:
-      assert im.size == (96, 96) and im.mode == 'RGB'
-    assert 0 <= r['max_y'] < 96 and 0 <= r['max_x'] < 96
-  with open(tmp_path / 'scores.csv') as f:
-    assert len(list(csv.DictReader(f))) == 8
-
-
+@pytest.mark.slow
 def test_a_moved_teacher_file_still_fits(run_with_teacher_file, tmp_path):
   config, workdir, weights = run_with_teacher_file
   moved = config.copy_and_resolve_references()
@@ -185,6 +140,7 @@ def test_a_moved_teacher_file_still_fits(run_with_teacher_file, tmp_path):
   )
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_an_incompatible_config(run_with_teacher_file):
   config, workdir, _ = run_with_teacher_file
   other = tiny_config(config.data.root, steps=2)
@@ -201,31 +157,3 @@ def test_picture_indices_cover_defects_and_good_images():
   assert (labels[idx] == 1).sum() == 6 and (labels[idx] == 0).sum() == 2
   assert evaluate.picture_indices(labels, 0).size == 0
   assert len(evaluate.picture_indices(labels[:3], 8)) == 3
-
-
-def test_run_all_trains_each_category_once_and_writes_one_table(
-  synthetic_root, tmp_path, monkeypatch
-):
-  config = tiny_config(synthetic_root, steps=2)
-  config.eval.num_pictures = 2
-  results = run_all.run_all(config, str(tmp_path), ['brick', 'grass'])
-  assert sorted(results) == ['brick', 'grass']
-  table = (tmp_path / 'results.md').read_text()
-  assert '| brick |' in table and '| grass |' in table
-  mean_row = [line for line in table.splitlines() if line.startswith('| Mean |')][0]
-  expected = np.mean([results[c]['image_auroc'] for c in results]) * 100
-  assert f'{expected:.1f}' in mean_row
-  for c in ('brick', 'grass'):
-    assert (tmp_path / c / 'pictures' / 'examples.png').exists()
-
-  # Run again: everything is done, nothing is trained or evaluated.
-  def fail(*args, **kwargs):
-    raise AssertionError('a finished category was run again')
-
-  monkeypatch.setattr(train, 'train_and_evaluate', fail)
-  assert run_all.run_all(config, str(tmp_path), ['brick', 'grass']) == results
-
-
-def test_run_all_discovers_the_categories_of_a_root(synthetic_root):
-  config = tiny_config(synthetic_root)
-  assert run_all.discover_categories(config) == ['brick', 'grass']

@@ -43,6 +43,7 @@ def uninterrupted(synthetic_root, tmp_path_factory):
   return workdir, state
 
 
+@pytest.mark.slow
 def test_short_run_lowers_the_loss_and_logs(uninterrupted):
   workdir, state = uninterrupted
   records = _metrics(workdir)
@@ -70,6 +71,7 @@ def _crash_at(step_to_crash: int):
   return on_step
 
 
+@pytest.mark.slow
 def test_crashed_run_resumes_to_the_same_parameters(synthetic_root, uninterrupted, tmp_path):
   _, reference = uninterrupted
   config = tiny_config(synthetic_root)
@@ -84,6 +86,7 @@ def test_crashed_run_resumes_to_the_same_parameters(synthetic_root, uninterrupte
   assert [r['step'] for r in _metrics(str(tmp_path))][-4:] == [3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_interrupted_run_saves_its_last_step_and_resumes(synthetic_root, uninterrupted, tmp_path):
   _, reference = uninterrupted
   config = tiny_config(synthetic_root)
@@ -101,6 +104,7 @@ def test_interrupted_run_saves_its_last_step_and_resumes(synthetic_root, uninter
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_incompatible_config_is_refused_and_checkpoint_kept(synthetic_root, uninterrupted):
   workdir, _ = uninterrupted
   before = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(workdir) for p in fs}
@@ -114,6 +118,7 @@ def test_incompatible_config_is_refused_and_checkpoint_kept(synthetic_root, unin
   assert before == after
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
   synthetic_root, tmp_path, monkeypatch
 ):
@@ -137,7 +142,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
   with checkpoint.Workdir(str(tmp_path), create=False) as wd:
     assert wd.latest_step() == 2
     model = train.MSRD(tiny_config(synthetic_root))
-    teacher_vars = train.load_teacher_variables(tiny_config(synthetic_root))
+    teacher_vars = teacher_lib.from_config(tiny_config(synthetic_root))
     template = flax.serialization.to_state_dict(
       train.state_template(
         model, poisoned(tiny_config(synthetic_root)), teacher_vars, tiny_config(synthetic_root)
@@ -212,6 +217,7 @@ PMAP_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_eight_devices_equal_one_device_with_the_same_global_batch():
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', PYTHONPATH=ROOT)
   out = subprocess.run(
@@ -226,6 +232,7 @@ def test_eight_devices_equal_one_device_with_the_same_global_batch():
   assert 'equivalent' in out.stdout
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_trains_float32_parameters_to_nearly_the_same_loss():
   rng = np.random.default_rng(0)
   images = rng.uniform(size=(4, 96, 96, 3)).astype(np.float32)
