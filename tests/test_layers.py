@@ -1,0 +1,75 @@
+"""The layers against flax.linen's and XLA's own convolution, values and gradients."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from msrd_jax import layers
+
+
+def _reference(x, kernel, stride, padding):
+  """The convolution as XLA differentiates it, with no custom gradient."""
+  return lax.conv_general_dilated(
+    x,
+    kernel,
+    (stride, stride),
+    ((padding, padding),) * 2,
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+  )
+
+
+@pytest.mark.parametrize(
+  'size,stride,hw',
+  [
+    (1, 1, (8, 8)),
+    (3, 1, (9, 7)),
+    (3, 2, (9, 7)),
+    (3, 2, (8, 8)),
+    (7, 2, (13, 11)),
+    (1, 2, (7, 9)),
+  ],
+)
+def test_conv2d_values_and_gradients_match_xla(size, stride, hw):
+  rng = np.random.default_rng(size * 10 + stride)
+  x = jnp.asarray(rng.normal(size=(2, *hw, 5)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(size, size, 5, 6)), jnp.float32)
+  pad = size // 2
+  want, want_vjp = jax.vjp(lambda x, k: _reference(x, k, stride, pad), x, k)
+  got, got_vjp = jax.vjp(lambda x, k: layers.conv2d(x, k, stride, pad), x, k)
+  np.testing.assert_array_equal(got, want)
+  g = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+  for a, b in zip(got_vjp(g), want_vjp(g)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def test_conv_module_is_flax_conv_with_pytorch_padding():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 10, 9, 4)), jnp.float32)
+  ours = layers.conv(8, 3, 2)
+  variables = ours.init(jax.random.key(0), x)
+  flax_conv = nn.Conv(8, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=False)
+  # Same parameter tree, same initializer stream, same values.
+  flax_vars = flax_conv.init(jax.random.key(0), x)
+  assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(flax_vars)
+  assert variables['params']['kernel'].shape == (3, 3, 4, 8)
+  np.testing.assert_array_equal(ours.apply(variables, x), flax_conv.apply(variables, x))
+
+
+def test_conv_init_is_torchvisions_kaiming_normal_fan_out():
+  kernel = layers.conv(256, 3).init(jax.random.key(1), jnp.zeros((1, 8, 8, 64)))['params']['kernel']
+  # kaiming_normal_(mode='fan_out', nonlinearity='relu'): std = sqrt(2 / (out * k * k)).
+  np.testing.assert_allclose(float(jnp.std(kernel)), np.sqrt(2.0 / (256 * 9)), rtol=0.03)
+
+
+def test_bfloat16_conv_computes_in_bfloat16_and_keeps_float32_parameters():
+  x = jnp.ones((1, 6, 6, 3), jnp.float32)
+  module = layers.conv(4, 3, dtype=jnp.bfloat16)
+  variables = module.init(jax.random.key(0), x)
+  assert variables['params']['kernel'].dtype == jnp.float32
+  assert module.apply(variables, x).dtype == jnp.bfloat16
+  grad = jax.grad(lambda v: module.apply(v, x).astype(jnp.float32).sum())(variables)
+  assert grad['params']['kernel'].dtype == jnp.float32
