@@ -1,17 +1,22 @@
-"""XLA throughput of the model's hot paths, printed as images/s.
+"""XLA throughput of the model's hot paths: images/s, latency, compile time, FLOP/s.
 
     python -m msrd_jax.benchmark teacher --arch wide_resnet50_2 --size 256 --batch 8
     python -m msrd_jax.benchmark train --config configs/mvtec.py   # whole training step
     python -m msrd_jax.benchmark train --config configs/mvtec.py --config.model.fusion=mff
+    python -m msrd_jax.benchmark infer --config configs/mvtec.py   # maps + scores, and batch 1
     python -m msrd_jax.benchmark params --config configs/mvtec.py  # parameter counts
+    ... --json results.json                                        # the figures as JSON
 
-Each measurement compiles first (not timed), then times `--repeats` runs of `--iters`
-calls each, waiting for the device, and reports the median. Figures depend on the
-machine; they are printed, never asserted.
+Each measurement compiles first (timed separately: the compile time), then times
+`--repeats` windows of `--iters` calls each, waiting for the device, and reports the
+median and the spread of the windows. FLOPs per image come from XLA's cost analysis of
+the compiled program, so that the achieved FLOP/s can be compared with the device's peak.
+Figures depend on the machine; they are printed, never asserted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -21,64 +26,168 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from msrd_jax import files, inference, teacher, train
 from msrd_jax import model as model_lib
-from msrd_jax import teacher, train
 
 FLAGS = flags.FLAGS
 
 
-def time_calls(fn: Callable[[], object], iters: int = 5, repeats: int = 3) -> float:
-  """Median seconds per call of `fn` (compiled and warmed up once before timing)."""
-  jax.block_until_ready(fn())
-  times = []
+@dataclasses.dataclass
+class Measurement:
+  """One benchmarked program: what, at which shapes, and how fast."""
+
+  what: str
+  backbone: str
+  image_size: int
+  batch: int
+  compile_seconds: float
+  seconds_per_call: float  # median over the timed windows
+  spread: tuple[float, float]  # fastest and slowest window, seconds per call
+  flops_per_image: float | None  # XLA's cost analysis; None where the backend gives none
+  details: str = ''
+
+  @property
+  def images_per_second(self) -> float:
+    return self.batch / self.seconds_per_call
+
+  @property
+  def gflops_per_second(self) -> float | None:
+    if self.flops_per_image is None:
+      return None
+    return self.flops_per_image * self.images_per_second / 1e9
+
+  def line(self) -> str:
+    flops = (
+      ''
+      if self.flops_per_image is None
+      else f', {self.flops_per_image / 1e9:.1f} GFLOP/image, {self.gflops_per_second:.1f} GFLOP/s'
+    )
+    lo, hi = self.spread
+    return (
+      f'{self.what} {self.backbone} {self.image_size}px batch {self.batch}{self.details}: '
+      f'{self.images_per_second:8.2f} images/s, {1e3 * self.seconds_per_call / self.batch:.1f} '
+      f'ms/image (windows {self.batch / hi:.2f}..{self.batch / lo:.2f} images/s), compile '
+      f'{self.compile_seconds:.1f} s{flops}'
+    )
+
+  def to_json(self) -> dict:
+    out = dataclasses.asdict(self)
+    out.update(images_per_second=self.images_per_second, gflops_per_second=self.gflops_per_second)
+    return out
+
+
+def _flops(compiled) -> float | None:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, list | tuple):  # older JAX: one dict per computation
+    cost = cost[0] if cost else None
+  if not cost or 'flops' not in cost:
+    return None
+  return float(cost['flops'])
+
+
+def measure(
+  what: str,
+  fn: Callable,
+  args: tuple,
+  batch: int,
+  config_like: tuple[str, int],
+  iters: int,
+  repeats: int,
+  details: str = '',
+  update: Callable | None = None,
+) -> Measurement:
+  """Compiles jitted `fn` for `args`, then times it; `update(out, args)` -> next args."""
+  start = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  compile_seconds = time.perf_counter() - start
+  update = update or (lambda out, args: args)
+  args = update(jax.block_until_ready(compiled(*args)), args)  # warm-up
+  windows = []
   for _ in range(repeats):
     start = time.perf_counter()
     for _ in range(iters):
-      out = fn()
+      out = compiled(*args)
+      args = update(out, args)
     jax.block_until_ready(out)
-    times.append((time.perf_counter() - start) / iters)
-  return statistics.median(times)
-
-
-def bench_teacher(arch: str, size: int, batch: int, iters: int, repeats: int) -> float:
-  """Images/s of the teacher forward (layer1..3) on random weights."""
-
-  variables = teacher.init_teacher(arch, warn=False)
-  images = jax.device_put(
-    np.random.default_rng(0).uniform(size=(batch, size, size, 3)).astype(np.float32)
+    windows.append((time.perf_counter() - start) / iters)
+  flops = _flops(compiled)
+  return Measurement(
+    what,
+    config_like[0],
+    config_like[1],
+    batch,
+    compile_seconds,
+    statistics.median(windows),
+    (min(windows), max(windows)),
+    None if flops is None else flops / batch,
+    details,
   )
+
+
+def _images(batch: int, size: int) -> jax.Array:
+  rng = np.random.default_rng(0)
+  return jax.device_put(rng.uniform(size=(batch, size, size, 3)).astype(np.float32))
+
+
+def bench_teacher(arch: str, size: int, batch: int, iters: int, repeats: int) -> Measurement:
+  """The teacher forward (layer1..3) on random weights."""
+  variables = teacher.init_teacher(arch, warn=False)
   forward = jax.jit(teacher.ResNet(arch).apply)
-  seconds = time_calls(lambda: forward(variables, images), iters, repeats)
-  return batch / seconds
+  return measure(
+    'teacher', forward, (variables, _images(batch, size)), batch, (arch, size), iters, repeats
+  )
 
 
-def bench_train_step(config, batch: int, iters: int, repeats: int) -> float:
-  """Images/s of the whole jitted training step (teacher, student, loss, grads, Adam).
+def _describe(config) -> str:
+  m = config.model
+  return (
+    f' fusion={m.fusion} attention={tuple(m.coord_attention)} memory={m.memory.mode}'
+    f' dtype={config.train.dtype}'
+  )
 
-  One device, no pmap, random teacher; the config decides backbone, size and modules.
-  """
 
+def bench_train_step(config, iters: int, repeats: int) -> Measurement:
+  """The whole jitted training step (teacher, student, loss, grads, Adam), one device."""
+  batch, size = config.train.batch_size, config.data.image_size
   teacher_vars = teacher.init_teacher(config.model.backbone, warn=False)
   model = model_lib.MSRD(config)
   tx = train.make_optimizer(config)
   state = train.create_state(model, tx, teacher_vars, config)
   step = jax.jit(train.make_train_step(model, tx, config, axis_name=None), donate_argnums=(0,))
-  size = config.data.image_size
-  images = jax.device_put(
-    np.random.default_rng(0).uniform(size=(batch, size, size, 3)).astype(np.float32)
+  return measure(
+    'train step',
+    step,
+    (state, teacher_vars, _images(batch, size)),
+    batch,
+    (config.model.backbone, size),
+    iters,
+    repeats,
+    _describe(config),
+    update=lambda out, args: (out[0], *args[1:]),
   )
-  holder = [state]
 
-  def call():
-    holder[0], metrics = step(holder[0], teacher_vars, images)
-    return metrics['loss']
 
-  return batch / time_calls(call, iters, repeats)
+def bench_inference(config, batch: int, iters: int, repeats: int) -> Measurement:
+  """Anomaly maps and scores (teacher, student, per-level maps, resize, blur, max)."""
+  size = config.data.image_size
+  teacher_vars = teacher.init_teacher(config.model.backbone, warn=False)
+  model = model_lib.MSRD(config)
+  student_vars = model.init(jax.random.key(0), teacher_vars, size)
+  predict = inference.make_predict_fn(model, config)
+  return measure(
+    'inference',
+    predict,
+    (teacher_vars, student_vars, _images(batch, size)),
+    batch,
+    (config.model.backbone, size),
+    iters,
+    repeats,
+    _describe(config),
+  )
 
 
 def parameter_counts(config) -> dict[str, int]:
   """Parameters per module (teacher and each part of the student), without allocating."""
-
   count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
   teacher_shapes = teacher.teacher_shapes(config.model.backbone)
   student = model_lib.MSRD(config).abstract_variables(config.data.image_size)
@@ -88,49 +197,55 @@ def parameter_counts(config) -> dict[str, int]:
   return counts
 
 
-def main(argv: Sequence[str]) -> None:
+COMMANDS = ('teacher', 'train', 'infer', 'params')
 
-  if len(argv) != 2 or argv[1] not in ('teacher', 'train', 'params'):
-    raise app.UsageError('usage: python -m msrd_jax.benchmark {teacher,train,params} [--flags]')
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f'usage: python -m msrd_jax.benchmark {{{",".join(COMMANDS)}}} [--flags]')
   what = argv[1]
   print(
     f'backend {jax.default_backend()}, {jax.device_count()} device(s): '
-    f'{jax.devices()[0].device_kind}'
+    f'{jax.devices()[0].device_kind}; jax {jax.__version__}',
+    flush=True,
   )
   config = FLAGS.config
+  results: list[Measurement] = []
   if what == 'params':
     print(f'parameters, {config.model.backbone} at {config.data.image_size} px:')
     for name, n in parameter_counts(config).items():
       print(f'  {name:>24}: {n:>12,}')
-  elif what == 'train':
-    batch = config.train.batch_size
-    rate = bench_train_step(config, batch, FLAGS.iters, FLAGS.repeats)
-    print(
-      f'train step {config.model.backbone} {config.data.image_size}px batch {batch} '
-      f'fusion={config.model.fusion} attention={tuple(config.model.coord_attention)}'
-      f' memory={config.model.memory.mode} dtype={config.train.dtype}: '
-      f'{rate:8.1f} images/s',
-      flush=True,
-    )
+    return
+  if what == 'train':
+    results.append(bench_train_step(config, FLAGS.iters, FLAGS.repeats))
+  elif what == 'infer':
+    results.append(bench_inference(config, config.eval.batch_size, FLAGS.iters, FLAGS.repeats))
+    # A production line scores one image at a time: the latency of batch 1.
+    results.append(bench_inference(config, 1, FLAGS.iters, FLAGS.repeats))
   else:
     archs = list(teacher.ARCH_SPECS) if FLAGS.arch == 'all' else [FLAGS.arch]
     for arch in archs:
-      rate = bench_teacher(arch, FLAGS.size, FLAGS.batch, FLAGS.iters, FLAGS.repeats)
-      print(
-        f'teacher {arch:>16} {FLAGS.size}x{FLAGS.size} batch {FLAGS.batch}: {rate:8.1f} images/s',
-        flush=True,
-      )
+      results.append(bench_teacher(arch, FLAGS.size, FLAGS.batch, FLAGS.iters, FLAGS.repeats))
+      print(results[-1].line(), flush=True)
+  if what != 'teacher':
+    for r in results:
+      print(r.line(), flush=True)
+  if FLAGS.json:
+    files.write_json(FLAGS.json, [r.to_json() for r in results])
 
 
 if __name__ == '__main__':
   config_flags.DEFINE_config_file(
     'config',
     'configs/synthetic.py',
-    'train/params: config file; fields overridden as --config.a.b=value.',
+    'train/infer/params: config file; fields overridden as --config.a.b=value.',
   )
   flags.DEFINE_string('arch', 'wide_resnet50_2', "teacher: an architecture, or 'all'.")
   flags.DEFINE_integer('size', 256, 'teacher: image size.')
-  flags.DEFINE_integer('batch', 8, 'teacher: batch size (train uses train.batch_size).')
-  flags.DEFINE_integer('iters', 3, 'Calls per timed repeat.')
-  flags.DEFINE_integer('repeats', 3, 'Timed repeats; the median is reported.')
+  flags.DEFINE_integer(
+    'batch', 8, 'teacher: batch size (train uses train.batch_size, infer eval.batch_size and 1).'
+  )
+  flags.DEFINE_integer('iters', 3, 'Calls per timed window.')
+  flags.DEFINE_integer('repeats', 3, 'Timed windows; the median is reported.')
+  flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')
   app.run(main)

@@ -7,6 +7,7 @@ import math
 import os
 
 import pytest
+from conftest import cli
 
 from msrd_jax import benchmark
 from msrd_jax import config as config_lib
@@ -32,3 +33,30 @@ def test_parameter_counts(arch):
   parts = ('fusion', 'oce', 'memory', 'decoder')
   assert counts['student total (trained)'] == sum(counts[p] for p in parts)
   assert counts['memory'] == 50 * 512 * (1 if arch == 'resnet18' else 4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('command', ['train', 'infer'])
+def test_benchmark_command_prints_and_writes_its_figures(command, tmp_path):
+  out = tmp_path / 'figures.json'
+  done = cli(
+    'msrd_jax.benchmark',
+    command,
+    '--config',
+    'configs/synthetic.py',
+    '--config.data.image_size=64',
+    '--config.train.batch_size=2',
+    '--config.eval.batch_size=2',
+    '--iters=1',
+    '--repeats=2',
+    f'--json={out}',
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  figures = json.loads(out.read_text())
+  assert [f['batch'] for f in figures] == ([2] if command == 'train' else [2, 1])
+  for f in figures:
+    assert f['images_per_second'] > 0 and f['compile_seconds'] > 0
+    assert f['spread'][0] <= f['seconds_per_call'] <= f['spread'][1]
+    # XLA counts the FLOPs of the compiled program: far more than one MAC per pixel.
+    assert f['flops_per_image'] > 64 * 64 * 1000
+    assert f'{f["images_per_second"]:8.2f} images/s' in done.stdout
