@@ -232,7 +232,14 @@ def evaluate(
 
 def main(argv) -> None:
   def run(config, workdir):
-    print(visualize.results_table_markdown(evaluate(config, workdir)))
+    results = evaluate(config, workdir)
+    print(visualize.results_table_markdown(results))
+    r = results[config.data.category]
+    if 'false_alarm_rate' in r:
+      print(
+        f'At the stored threshold: {100 * r["false_alarm_rate"]:.1f} % false alarms on '
+        f'test/good, {100 * r["detection_rate"]:.1f} % of the defective images detected.'
+      )
 
   cli.run(argv, run)
 

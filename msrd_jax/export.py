@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from msrd_jax import calibrate, cli, files, inference
 
@@ -105,6 +105,9 @@ def export_run(
   inference.require_checkpoint(workdir)
   record = calibrate.load(workdir, config)
   run = inference.load_run(config, workdir)
+  stale = calibrate.stale_warning(record, run)
+  if stale:
+    logging.warning('%s', stale)
   exported, params = export_function(run, platforms)
   head = header(run, record, len(params), platforms)
   arrays = {

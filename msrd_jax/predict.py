@@ -20,7 +20,8 @@ OUTPUT/predictions.csv   one row per image file, in sorted order:
     defect_fraction   fraction of the map's pixels above the pixel threshold
     max_y, max_x      where the map peaks (map pixels, eval.resolution)
     error             why the file could not be scored
-OUTPUT/summary.json      counts, thresholds and colour scale used, failed and skipped files
+OUTPUT/summary.json      counts, thresholds and colour scale used, failed and skipped files,
+                         seconds and images per second (loading and compilation included)
 OUTPUT/heatmaps/<file>.png   the map over the image (jet, the run's fixed colour scale)
 OUTPUT/masks/<file>.png      with --save_masks: pixels above the pixel threshold (255)
 OUTPUT/maps/<file>.npy       with --save_maps: the float32 map
