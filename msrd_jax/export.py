@@ -13,7 +13,7 @@ uncompressed NumPy .npz archive:
                (params, images (B, S, S, 3) float32 RGB in [0, 1]) -> (maps (B, R, R), scores (B,))
   param_<i>    the i-th weight array, i < header['num_params'], in the order `params` takes
 
-Loading it needs `jax` and `numpy` only (README, "Export"):
+Loading it needs `jax`, `numpy` and `flatbuffers` only (README, "Export"):
 
     with np.load(path) as z:
       header = json.loads(z['header'].tobytes())
