@@ -66,6 +66,10 @@ def identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
       out.update({f'{name}.{k}': v for k, v in flat.items()})
     else:
       out[name] = value
+  calibration = config.get('calibration')
+  if calibration is not None and calibration.source == 'holdout':
+    # Holding images out for calibration changes the training set.
+    out['calibration.holdout_fraction'] = calibration.holdout_fraction
   return {k: v for k, v in out.items() if k not in NOT_IDENTITY}
 
 

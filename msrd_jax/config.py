@@ -20,6 +20,7 @@ LOSSES = ('global', 'pixel')
 MAP_MODES = ('add', 'mul')
 DATASETS = ('mvtec', 'visa', 'synthetic')
 DTYPES = ('float32', 'bfloat16')
+CALIBRATION_SOURCES = ('train', 'holdout', 'good_dir', 'none')
 
 MVTEC_URL = 'https://www.mvtec.com/company/research/datasets/mvtec-ad'
 
@@ -87,6 +88,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.align_corners = False
   c.eval.num_pictures = 12
   c.eval.after_training = True
+
+  # The decision threshold, learned without labelled defects (msrd_jax.calibrate): the
+  # scores of defect-free images are stored with the run, and the threshold is their
+  # (1 - false_alarm_rate) quantile. Source of those images: 'train' (the training
+  # images themselves: no image is taken from training, but their scores are
+  # optimistic, so the false-alarm rate on new images exceeds the nominal one),
+  # 'holdout' (holdout_fraction of train/good, kept out of training), 'good_dir' (a
+  # folder of defect-free images) or 'none' (no calibration after training).
+  c.calibration = ml_collections.ConfigDict()
+  c.calibration.source = 'train'
+  c.calibration.holdout_fraction = 0.1
+  c.calibration.good_dir = ml_collections.FieldReference(None, field_type=str)
+  c.calibration.false_alarm_rate = 0.01
+  c.calibration.pixel_false_alarm_rate = 0.001
   return c
 
 
@@ -134,8 +149,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
   problems += _one_of('eval.map_mode', e.map_mode, MAP_MODES)
   if e.batch_size < 1:
     problems.append(f'eval.batch_size must be >= 1, got {e.batch_size}')
+  problems += _calibration_problems(config)
   if problems:
     raise ConfigError('invalid config:\n  ' + '\n  '.join(problems))
+
+
+def _calibration_problems(config: ml_collections.ConfigDict) -> list[str]:
+  c = config.get('calibration')
+  if c is None:  # a config file built on an older base_config
+    return []
+  problems = _one_of('calibration.source', c.source, CALIBRATION_SOURCES)
+  if not 0 < c.holdout_fraction < 1:
+    problems.append(f'calibration.holdout_fraction must be in (0, 1), got {c.holdout_fraction}')
+  if c.source == 'good_dir' and not c.good_dir:
+    problems.append("calibration.source = 'good_dir' needs calibration.good_dir (a folder)")
+  for name in ('false_alarm_rate', 'pixel_false_alarm_rate'):
+    if not 0 < c[name] < 1:
+      problems.append(f'calibration.{name} must be in (0, 1), got {c[name]}')
+  return problems
 
 
 def default_cache_dir() -> str:

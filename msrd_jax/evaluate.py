@@ -8,10 +8,16 @@ anomaly maps of every test image on the device (one jitted function), and writes
     DIR/results.json         {"<category>": {"image_auroc": ..., "pixel_auroc": ...,
                               "au_pro": ..., ...}}   (fractions in [0, 1])
     DIR/results.md           the same as a Markdown table
-    DIR/evaluation.json      checkpoint step, test-set counts, image AUROC per defect type
+    DIR/evaluation.json      checkpoint step, test-set counts, image AUROC per defect type,
+                             and what the stored decision threshold does ('threshold')
     DIR/test_scores.csv      every test image's score, label and defect type
     DIR/pictures/examples.png  image | ground truth | heatmap overlay, for a sample
     DIR/pictures/curves.png    image and pixel ROC, PRO curve up to FPR 0.3
+
+When the run is calibrated (DIR/calibration.json, see msrd_jax.calibrate), results.json
+also has, at the stored thresholds, the false-alarm rate on test/good and the detection
+rate on the defective images (image and pixel level), and evaluation.json the
+F1-optimal threshold of the test set for comparison.
 """
 
 from __future__ import annotations
@@ -24,10 +30,10 @@ import os
 import jax
 import ml_collections
 import numpy as np
-from absl import app
+from absl import app, logging
 from tqdm import tqdm
 
-from msrd_jax import cli, files, inference, metric_writers, metrics, visualize
+from msrd_jax import calibrate, cli, files, inference, metric_writers, metrics, visualize
 from msrd_jax import config as config_lib
 from msrd_jax import data as data_lib
 
@@ -115,10 +121,43 @@ def compute_metrics(t: TestScores) -> tuple[dict[str, float], dict[str, float]]:
   return results, per_defect
 
 
+def threshold_results(workdir: str, run: inference.Run, t: TestScores) -> dict | None:
+  """calibrate.threshold_report of the run's stored thresholds; None when uncalibrated."""
+  if not os.path.isfile(os.path.join(workdir, calibrate.FILE)):
+    return None
+  try:
+    record = calibrate.load(workdir, run.config)
+  except calibrate.CalibrationError as e:
+    logging.warning('no threshold figures: %s', e)
+    return None
+  stale = calibrate.stale_warning(record, run)
+  if stale:
+    logging.warning('%s', stale)
+  return calibrate.threshold_report(t.scores, t.labels, t.amaps, t.masks, record)
+
+
+# The threshold figures that join AUROC & co. in results.json (all fractions).
+THRESHOLD_METRICS = (
+  'false_alarm_rate',
+  'detection_rate',
+  'pixel_false_alarm_rate',
+  'pixel_detection_rate',
+)
+
+
 def write_reports(
-  workdir: str, run: inference.Run, t: TestScores, results: dict, per_defect: dict, pictures: bool
+  workdir: str,
+  run: inference.Run,
+  t: TestScores,
+  results: dict,
+  per_defect: dict,
+  pictures: bool,
+  threshold: dict | None = None,
 ) -> None:
-  """results.json / .md, evaluation.json, test_scores.csv and the pictures of a run."""
+  """results.json / .md, evaluation.json, test_scores.csv and the pictures of a run.
+
+  threshold: `threshold_results`, for evaluation.json.
+  """
   config, category = run.config, run.config.data.category
   files.write_json(os.path.join(workdir, 'results.json'), {category: results})
   files.atomic_write(
@@ -135,6 +174,7 @@ def write_reports(
       'defective_images': int(t.labels.sum()),
       'image_auroc_per_defect_type': per_defect,
       'teacher_weights': config.model.teacher_weights,
+      'threshold': threshold,
     },
   )
   table = io.StringIO()
@@ -181,7 +221,10 @@ def evaluate(
   keep = set(picture_indices(labels, config.eval.num_pictures).tolist()) if pictures else set()
   scored = score_split(run, samples, keep)
   results, per_defect = compute_metrics(scored)
-  write_reports(workdir, run, scored, results, per_defect, pictures)
+  threshold = threshold_results(workdir, run, scored)
+  if threshold is not None:
+    results.update({k: threshold[k] for k in THRESHOLD_METRICS})
+  write_reports(workdir, run, scored, results, per_defect, pictures, threshold)
   with metric_writers.MetricWriter(workdir, enabled=jax.process_index() == 0) as writer:
     writer.add_scalars(int(run.meta['data_step']), results, prefix='eval')
   return {config.data.category: results}
@@ -189,7 +232,14 @@ def evaluate(
 
 def main(argv) -> None:
   def run(config, workdir):
-    print(visualize.results_table_markdown(evaluate(config, workdir)))
+    results = evaluate(config, workdir)
+    print(visualize.results_table_markdown(results))
+    r = results[config.data.category]
+    if 'false_alarm_rate' in r:
+      print(
+        f'At the stored threshold: {100 * r["false_alarm_rate"]:.1f} % false alarms on '
+        f'test/good, {100 * r["detection_rate"]:.1f} % of the defective images detected.'
+      )
 
   cli.run(argv, run)
 

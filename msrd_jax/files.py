@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any
+from collections.abc import Iterator
+from typing import IO, Any
 
 
 def atomic_write(path: str, data: str | bytes) -> None:
@@ -19,6 +21,26 @@ def atomic_write(path: str, data: str | bytes) -> None:
     f.write(data)
     f.flush()
     os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str) -> Iterator[IO[bytes]]:
+  """A binary file object whose content replaces `path` when the block ends without error.
+
+  For writers that stream (np.savez of a large archive) rather than hand over bytes.
+  """
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f'{path}.tmp'
+  try:
+    with open(tmp, 'wb') as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
   os.replace(tmp, path)
 
 

@@ -63,6 +63,18 @@ def make_predict_fn(model: MSRD, config: ml_collections.ConfigDict) -> Callable:
   return predict
 
 
+def require_checkpoint(workdir: str) -> int:
+  """The latest step of `workdir`; FileNotFoundError (one clear line) when untrained.
+
+  A cheap check, so that commands fail before loading anything.
+  """
+  with checkpoint.Workdir(workdir, create=False) as wd:
+    step = wd.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {wd.checkpoint_dir!r}: train first')
+  return step
+
+
 def load_run(
   config: ml_collections.ConfigDict, workdir: str, teacher_vars: dict | None = None
 ) -> Run:

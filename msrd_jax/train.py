@@ -5,8 +5,10 @@
         --config.data.root=/data/mvtec_anomaly_detection --config.data.category=bottle
 
 Running the same command again after a crash or Ctrl-C resumes from the last checkpoint
-and ends with the same parameters as an uninterrupted run. When eval.after_training is
-set, the test set is evaluated at the end (see msrd_jax.evaluate).
+and ends with the same parameters as an uninterrupted run. At the end the decision
+threshold is calibrated on defect-free images (calibration.source, see
+msrd_jax.calibrate) and, when eval.after_training is set, the test set is evaluated
+(see msrd_jax.evaluate).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import optax
 from absl import app
 from tqdm import tqdm
 
-from msrd_jax import checkpoint, cli, evaluate, losses, metric_writers
+from msrd_jax import calibrate, checkpoint, cli, evaluate, losses, metric_writers
 from msrd_jax import config as config_lib
 from msrd_jax import data as data_lib
 from msrd_jax import teacher as teacher_lib
@@ -200,6 +202,7 @@ def train(
 
   reader, root = config_lib.resolve_data(config)
   samples = data_lib.list_samples(reader, root, config.data.category, 'train')
+  samples = calibrate.training_samples(config, samples)  # less a calibration holdout
   loader = data_lib.TrainLoader(
     samples,
     config.data.image_size,
@@ -349,13 +352,16 @@ def _save_interrupted(
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, evaluate_after: bool | None = None
 ) -> dict | None:
-  """Trains, then evaluates; returns the results, or None when not evaluating.
+  """Trains, calibrates the decision threshold, evaluates; returns the results or None.
 
+  Calibration (msrd_jax.calibrate) runs unless calibration.source is 'none'.
   evaluate_after: None follows config.eval.after_training. The teacher is loaded once
-  for both.
+  for all three.
   """
   teacher_vars = teacher_lib.from_config(config)
   train(config, workdir, teacher_vars=teacher_vars)
+  if calibrate.source_of(config) != 'none':
+    calibrate.calibrate_run(config, workdir, teacher_vars=teacher_vars)
   if not (config.eval.after_training if evaluate_after is None else evaluate_after):
     return None
   return evaluate.evaluate(config, workdir, teacher_vars=teacher_vars)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
 import jax
 import pytest
 
+from msrd_jax import calibrate, teacher, train
 from msrd_jax import config as config_lib
-from msrd_jax import teacher, train
 from msrd_jax.data.synthetic import ensure_synthetic
 
 TRAIN_CATEGORIES = ('brick', 'grass')
@@ -48,6 +49,9 @@ def tiny_config(root: str, category: str = 'brick', steps: int = 6):
   c.train.log_every_steps = 1
   c.eval.batch_size = 16
   c.eval.num_pictures = 4
+  # Calibration scores the 80 training images after each training; the tests that need
+  # a threshold calibrate explicitly (calibrated_run) on fewer.
+  c.calibration.source = 'none'
   return c
 
 
@@ -75,3 +79,22 @@ def run_with_teacher_file(synthetic_root, tmp_path_factory):
   workdir = str(base / 'run')
   train.train(config, workdir)
   return config, workdir, weights
+
+
+@pytest.fixture(scope='session')
+def calibrated_run(run_with_teacher_file, tmp_path_factory):
+  """A copy of run_with_teacher_file calibrated on 8 of its training images.
+
+  Returns (config, workdir, good folder, calibration record).
+  """
+  config, workdir, _ = run_with_teacher_file
+  base = tmp_path_factory.mktemp('calibrated')
+  copy = str(base / 'run')
+  shutil.copytree(workdir, copy)
+  good = base / 'good'
+  good.mkdir()
+  train_dir = os.path.join(config.data.root, config.data.category, 'train', 'good')
+  for name in sorted(os.listdir(train_dir))[:8]:
+    shutil.copy(os.path.join(train_dir, name), good / name)
+  record = calibrate.calibrate_run(config, copy, good=str(good))
+  return config, copy, str(good), record

@@ -61,6 +61,14 @@ def test_demo_command_trains_then_writes_results_and_pictures(synthetic_root, tm
   _check_png(tmp_path / 'pictures' / 'examples.png')
   _check_png(tmp_path / 'pictures' / 'curves.png')
   assert 'RANDOM weights' in out.stderr  # the random teacher is announced loudly
+  # Training calibrated the threshold on its own images (the config's default source),
+  # and evaluation reports what that threshold does on the test set.
+  with open(tmp_path / 'calibration.json') as f:
+    calibration = json.load(f)
+  assert calibration['source'] == 'train' and calibration['images'] == 80
+  for key in ('false_alarm_rate', 'detection_rate'):
+    assert 0.0 <= results['brick'][key] <= 1.0, key
+  assert info['threshold']['image_threshold'] == calibration['image_threshold']
 
 
 def test_evaluate_without_checkpoint_is_one_clear_line(synthetic_root, tmp_path):

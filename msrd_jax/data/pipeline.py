@@ -303,6 +303,7 @@ class EvalLoader:
     resolution: int | None = None,
     num_threads: int = 8,
     prefetch: int = 2,
+    on_error: str = 'raise',
   ):
     """Args:
     samples: the test samples (from `list_samples`).
@@ -311,6 +312,10 @@ class EvalLoader:
     resolution: the side R of the masks; None means image_size.
     num_threads: decoding threads.
     prefetch: batches prepared ahead.
+    on_error: 'raise': a file that cannot be loaded stops the iteration with a
+      DataError naming it; 'record': its row stays zero and its message goes to
+      the batch's 'error' slot, so that one bad file among many new images does
+      not stop the others (prediction).
     """
     self.samples = list(samples)
     if not self.samples:
@@ -318,6 +323,9 @@ class EvalLoader:
     if batch_size < 1:
       raise DataError(f'batch_size must be >= 1, got {batch_size}')
     _check_threads(num_threads, prefetch)
+    if on_error not in ('raise', 'record'):
+      raise DataError(f"on_error must be 'raise' or 'record', got {on_error!r}")
+    self.on_error = on_error
     self.image_size = int(image_size)
     self.batch_size = int(batch_size)
     self.resolution = int(resolution or image_size)
@@ -332,7 +340,9 @@ class EvalLoader:
     """The number of batches, ceil(num_samples / batch_size)."""
     return math.ceil(len(self.samples) / self.batch_size)
 
-  def _load_row(self, sample: Sample, images: np.ndarray, masks: np.ndarray, row: int):
+  def _load_row(
+    self, sample: Sample, images: np.ndarray, masks: np.ndarray, errors: list, row: int
+  ):
     path = sample.image_path
     try:
       img = load_image(path)
@@ -349,7 +359,12 @@ class EvalLoader:
       path = sample.image_path
       images[row] = resize_image(img, self.image_size)
     except Exception as e:
-      raise _reraise_with_path(path, e) from e
+      error = _reraise_with_path(path, e)
+      if self.on_error == 'raise':
+        raise error from e
+      images[row] = 0.0  # a partly written row must not look like an image
+      masks[row] = 0
+      errors[row] = str(error)
 
   def __iter__(self) -> _PrefetchIterator:
     """A closeable iterator of dicts:
@@ -359,6 +374,9 @@ class EvalLoader:
     'label': (b,) int32, 1 = defective
     'defect_type', 'name': lists of b str ('' on padding rows)
     'valid': (b,) bool, False on padding rows
+    'error': list of b, None or (on_error='record') the message of a file that
+      could not be loaded; its row is zeros but stays valid, so that the valid
+      rows are always the first ones
     with b = batch_size.
     """
     b, s, r = self.batch_size, self.image_size, self.resolution
@@ -370,14 +388,15 @@ class EvalLoader:
     def start(chunk):
       images = np.zeros((b, s, s, 3), np.float32)
       masks = np.zeros((b, r, r), np.uint8)
+      errors = [None] * b
 
       def job(row, sample):
-        return lambda: self._load_row(sample, images, masks, row)
+        return lambda: self._load_row(sample, images, masks, errors, row)
 
-      return (images, masks), [job(i, x) for i, x in enumerate(chunk)]
+      return (images, masks, errors), [job(i, x) for i, x in enumerate(chunk)]
 
     def finish(chunk, buffers):
-      images, masks = buffers
+      images, masks, errors = buffers
       n = len(chunk)
       pad = [''] * (b - n)
       label = np.zeros((b,), np.int32)
@@ -389,6 +408,7 @@ class EvalLoader:
         'defect_type': [x.defect_type for x in chunk] + pad,
         'name': [x.name for x in chunk] + pad,
         'valid': np.arange(b) < n,
+        'error': errors,
       }
 
     return _PrefetchIterator(plan(), start, finish, self.num_threads, self.prefetch)
