@@ -25,5 +25,11 @@ def get_config(arg: str | None = None):
   c = base_config()
   c.data.dataset = 'mvtec'
   c.data.category = arg or 'bottle'
+  # RD4AD's code, where the article builds on it and base_config keeps the project's
+  # earlier behaviour (which the demo's figures were made with):
+  c.model.init = 'pytorch'  # transposed convs and coordinate attention: PyTorch's init
+  c.train.steps_per_epoch = 'ceil'  # epochs * ceil(N / batch) steps
+  c.eval.align_corners = True  # F.interpolate(..., align_corners=True) of the maps
+  c.eval.mask_resize = 'bilinear'  # Resize of the mask, then gt > 0.5
   # Everything else is base_config's defaults, which are the paper's settings.
   return c

@@ -2,7 +2,8 @@
 
     python -m msrd_jax.benchmark teacher --arch wide_resnet50_2 --size 256 --batch 8
     python -m msrd_jax.benchmark train --config configs/mvtec.py   # whole training step
-    python -m msrd_jax.benchmark train --config configs/mvtec.py --config.model.fusion=mff
+    python -m msrd_jax.benchmark train --config configs/mvtec.py --config.model.fusion=mff \
+        --config.model.coord_attention="()" --config.model.memory.mode=off  # plain RD4AD
     python -m msrd_jax.benchmark infer --config configs/mvtec.py   # maps + scores, and batch 1
     python -m msrd_jax.benchmark params --config configs/mvtec.py  # parameter counts
     ... --json results.json                                        # the figures as JSON

@@ -21,6 +21,9 @@ MAP_MODES = ('add', 'mul')
 DATASETS = ('mvtec', 'visa', 'synthetic')
 DTYPES = ('float32', 'bfloat16')
 CALIBRATION_SOURCES = ('train', 'holdout', 'good_dir', 'none')
+INITS = ('kaiming', 'pytorch')
+STEPS_PER_EPOCH = ('stream', 'ceil')
+MASK_RESIZES = ('nearest', 'bilinear')
 
 MVTEC_URL = 'https://www.mvtec.com/company/research/datasets/mvtec-ad'
 
@@ -46,11 +49,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.memory.entropy_weight = 2e-4
   # None: 3 Bottlenecks for 50/101-layer teachers, 2 BasicBlocks for 18/34 (design.md).
   c.model.oce_blocks = ml_collections.FieldReference(None, field_type=int)
+  # Initialization of the decoder's 2x2 transposed convs and of coordinate attention's
+  # 1x1 convs. 'kaiming': kaiming normal (fan_out, ReLU) on the transposed convs, as on
+  # every other conv, and Flax's default (lecun normal, zero bias) on coordinate
+  # attention. 'pytorch': PyTorch's default, uniform(+-1/sqrt(fan_in)) on weights and
+  # biases, which RD4AD's ConvTranspose2d and coordinate attention's reference code keep.
+  c.model.init = 'kaiming'
+  # The seed of a random teacher (no teacher_weights); None: the run's seed.
+  c.model.teacher_seed = ml_collections.FieldReference(None, field_type=int)
 
   c.data = ml_collections.ConfigDict()
   # 'mvtec': the MVTec AD folder layout (also BTAD, MPDD and one's own data);
   # 'visa': VisA with split_csv/1cls.csv; 'synthetic': the embedded benchmark, generated
-  # into data.root (None: a cache folder) on first use and read as 'mvtec'.
+  # into data.root (None: a cache folder) on first use and read as 'mvtec'; a data.root
+  # that holds other data (not empty, no benchmark marker) is read as 'mvtec'.
   c.data.dataset = 'mvtec'
   c.data.root = ml_collections.FieldReference(None, field_type=str)
   c.data.synthetic_seed = 0
@@ -64,8 +76,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 16  # global batch, split across all devices
   c.train.epochs = 200
-  # None: ceil(epochs * train images / batch_size); an int overrides the epochs.
+  # None: the step count of train.epochs (below); an int overrides the epochs.
   c.train.steps = ml_collections.FieldReference(None, field_type=int)
+  # How epochs become steps, N training images, batch B: 'stream' ceil(epochs * N / B),
+  # the steps that show every image `epochs` times; 'ceil' epochs * ceil(N / B),
+  # RD4AD's count (its DataLoader ends each epoch with a smaller batch). Either way the
+  # batches are full and run across epoch boundaries (data.pipeline.TrainLoader).
+  c.train.steps_per_epoch = 'stream'
   c.train.learning_rate = 0.005
   c.train.b1 = 0.5
   c.train.b2 = 0.999
@@ -86,6 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
   # False: half-pixel bilinear upsampling of the per-level maps; True: RD4AD's
   # F.interpolate(..., align_corners=True).
   c.eval.align_corners = False
+  # Ground-truth masks to eval.resolution: 'nearest', or 'bilinear' then > 0.5 (RD4AD's
+  # transforms.Resize of the 0/255 mask, ToTensor, gt > 0.5).
+  c.eval.mask_resize = 'nearest'
   c.eval.num_pictures = 12
   c.eval.after_training = True
 
@@ -123,7 +143,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for p in m.coord_attention
     if p not in ATTENTION_PLACES
   ]
+  if m.fusion == 'mff' and 'fusion' in m.coord_attention:
+    problems.append(
+      "model.coord_attention has 'fusion', which needs model.fusion = 'msff' (RD's "
+      "mff has no fused maps to attend to); drop 'fusion' or use msff"
+    )
   problems += _one_of('model.memory.mode', m.memory.mode, MEMORY_MODES)
+  problems += _one_of('model.init', m.init, INITS)
   if m.memory.slots < 1:
     problems.append(f'model.memory.slots must be >= 1, got {m.memory.slots}')
   if m.memory.shrink is not None and not 0 <= m.memory.shrink < 1:
@@ -144,9 +170,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     problems.append(f'train.epochs must be > 0, got {t.epochs}')
   if t.steps is not None and t.steps < 1:
     problems.append(f'train.steps must be >= 1 or None, got {t.steps}')
+  problems += _one_of('train.steps_per_epoch', t.steps_per_epoch, STEPS_PER_EPOCH)
   if t.checkpoint_every_steps < 1:
     problems.append('train.checkpoint_every_steps must be >= 1')
   problems += _one_of('eval.map_mode', e.map_mode, MAP_MODES)
+  problems += _one_of('eval.mask_resize', e.mask_resize, MASK_RESIZES)
   if e.batch_size < 1:
     problems.append(f'eval.batch_size must be >= 1, got {e.batch_size}')
   problems += _calibration_problems(config)
@@ -180,15 +208,20 @@ def default_cache_dir() -> str:
 def resolve_data(config: ml_collections.ConfigDict) -> tuple[str, str]:
   """(reader, root) for config.data: the reader is 'mvtec' or 'visa'.
 
-  For 'synthetic' the benchmark is generated on first use. A missing root says where
-  to get the data set and which field to set.
+  For 'synthetic' the benchmark is generated on first use into data.root (None: a
+  cache folder), unless data.root is a non-empty folder that holds no benchmark: that
+  is read as a folder in the MVTec layout, so that the demo config trains on one's own
+  data. A missing root says where to get the data set and which field to set.
   """
   d = config.data
   if d.dataset == 'synthetic':
-    from msrd_jax.data.synthetic import ensure_synthetic  # pylint: disable=g-import-not-at-top
+    from msrd_jax.data import synthetic  # pylint: disable=g-import-not-at-top
 
+    if d.root and os.path.isdir(d.root) and os.listdir(d.root):
+      if synthetic.read_marker(d.root) is None:
+        return 'mvtec', d.root
     root = d.root or os.path.join(default_cache_dir(), f'synthetic-seed{d.synthetic_seed}')
-    return 'mvtec', ensure_synthetic(root, seed=d.synthetic_seed)
+    return 'mvtec', synthetic.ensure_synthetic(root, seed=d.synthetic_seed)
   if d.root is None or not os.path.isdir(d.root):
     where = 'is not set' if d.root is None else f'= {d.root!r} is not a folder'
     if d.dataset == 'visa':

@@ -29,7 +29,8 @@ class CoordAttention(nn.Module):
 
   a_h: (B, H, 1, C) from the W-pooled strip, a_w: (B, 1, W, C) from the H-pooled strip.
   The BatchNorm uses batch statistics when `train` (synchronized across
-  `layers.bn_axis_name`).
+  `layers.bn_axis_name`). The 1x1 convs are initialized as `layers.init` says
+  (PyTorch's nn.Conv2d default with 'pytorch', as the paper's code leaves them).
   """
 
   reduction: int = 32
@@ -38,7 +39,6 @@ class CoordAttention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     _, h, w, c = x.shape
-    dtype = self.layers.dtype
     mip = mip_channels(c, self.reduction)
     pooled_h = jnp.mean(x, axis=2, keepdims=True)  # (B, H, 1, C): pooled over W
     pooled_w = jnp.mean(x, axis=1, keepdims=True)  # (B, 1, W, C): pooled over H
@@ -46,9 +46,9 @@ class CoordAttention(nn.Module):
     y = jnp.concatenate([pooled_h, jnp.swapaxes(pooled_w, 1, 2)], axis=1)
     # No bias: the BatchNorm right after removes it, and a parameter whose gradient is
     # zero would only drift on rounding noise under Adam.
-    y = nn.Conv(mip, (1, 1), use_bias=False, dtype=dtype, name='conv1')(y)
+    y = self.layers.plain_conv1x1(mip, c, use_bias=False, name='conv1')(y)
     y = h_swish(self.layers.norm(train, 'bn1')(y))
     y_h, y_w = y[:, :h], jnp.swapaxes(y[:, h:], 1, 2)
-    a_h = nn.sigmoid(nn.Conv(c, (1, 1), dtype=dtype, name='conv_h')(y_h))
-    a_w = nn.sigmoid(nn.Conv(c, (1, 1), dtype=dtype, name='conv_w')(y_w))
+    a_h = nn.sigmoid(self.layers.plain_conv1x1(c, mip, name='conv_h')(y_h))
+    a_w = nn.sigmoid(self.layers.plain_conv1x1(c, mip, name='conv_w')(y_w))
     return x * a_h * a_w

@@ -10,6 +10,7 @@ SE-ResNet puts SE).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -34,11 +35,13 @@ class Deconv2x2(nn.Module):
 
   features: int
   dtype: Any = jnp.float32
+  # Kernel init: Layers.transposed_init ('kaiming' normal, fan_out; or PyTorch's default).
+  kernel_init: Callable = conv_init
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
-    kernel = self.param('kernel', conv_init, (2, 2, c, self.features))
+    kernel = self.param('kernel', self.kernel_init, (2, 2, c, self.features))
     y = jnp.einsum('bhwc,xycf->bhxwyf', x.astype(self.dtype), kernel.astype(self.dtype))
     return y.reshape(b, 2 * h, 2 * w, self.features)
 
@@ -55,17 +58,14 @@ class DecoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    conv, norm, dtype = (
-      self.layers.conv,
-      functools.partial(self.layers.norm, train),
-      self.layers.dtype,
+    conv, norm = self.layers.conv, functools.partial(self.layers.norm, train)
+    deconv = functools.partial(
+      Deconv2x2, dtype=self.layers.dtype, kernel_init=self.layers.transposed_init
     )
     if self.block == 'basic':
       out_channels = self.planes
       first = (
-        Deconv2x2(self.planes, dtype, name='conv1')
-        if self.upsample
-        else conv(self.planes, 3, 1, 'conv1')
+        deconv(self.planes, name='conv1') if self.upsample else conv(self.planes, 3, 1, 'conv1')
       )
       y = nn.relu(norm('bn1')(first(x)))
       y = norm('bn2')(conv(self.planes, 3, 1, 'conv2')(y))
@@ -73,15 +73,13 @@ class DecoderBlock(nn.Module):
       out_channels = self.planes * 4
       width = self.planes * self.width_per_group // 64
       y = nn.relu(norm('bn1')(conv(width, 1, 1, 'conv1')(x)))
-      second = (
-        Deconv2x2(width, dtype, name='conv2') if self.upsample else conv(width, 3, 1, 'conv2')
-      )
+      second = deconv(width, name='conv2') if self.upsample else conv(width, 3, 1, 'conv2')
       y = nn.relu(norm('bn2')(second(y)))
       y = norm('bn3')(conv(out_channels, 1, 1, 'conv3')(y))
     if self.attention:
       y = CoordAttention(layers=self.layers, name='attention')(y, train)
     if self.upsample:
-      x = norm('upsample_1')(Deconv2x2(out_channels, dtype, name='upsample_0')(x))
+      x = norm('upsample_1')(deconv(out_channels, name='upsample_0')(x))
     return nn.relu(y + x)
 
 

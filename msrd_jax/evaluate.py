@@ -78,6 +78,7 @@ def score_split(
     resolution,
     num_threads=config.data.num_threads,
     prefetch=config.data.prefetch,
+    mask_resize=config.eval.mask_resize,
   )
   n = len(samples)
   out = TestScores(

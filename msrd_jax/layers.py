@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -24,6 +25,25 @@ BN_MOMENTUM = 0.9
 
 # torchvision's init for convolutions: kaiming_normal_(mode='fan_out', nonlinearity='relu').
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+# PyTorch's default init of a conv weight, kaiming_uniform_(a=sqrt(5)):
+# uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)), i.e. variance 1 / (3 fan_in).
+torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+# For ConvTranspose2d PyTorch takes fan_in from its weight (in, out, kh, kw) as
+# weight.size(1) * kh * kw = out * kh * kw, which is the fan_out of the (kh, kw, in, out)
+# kernel that Flax sees.
+torch_default_transposed_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_out', 'uniform')
+
+
+def torch_default_bias_init(fan_in: int):
+  """PyTorch's default bias init of a conv with `fan_in` = in_channels * kh * kw:
+  uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
 
 
 def _conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
@@ -144,10 +164,39 @@ class Layers:
   dtype: the compute dtype (parameters stay float32).
   bn_axis_name: the mapped device axis over which training-mode BatchNorm averages its
     statistics (pmap's axis name), or None on one device.
+  init: [model.init] how the layers that RD4AD and coordinate attention leave at
+    PyTorch's default are initialized: 'kaiming' (transposed convs like every other
+    conv, Flax's default on coordinate attention) or 'pytorch' (PyTorch's default).
+    The convs built by `conv` are kaiming normal either way, as torchvision's and
+    RD4AD's init loops make them.
   """
 
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  init: str = 'kaiming'
+
+  def __post_init__(self):
+    if self.init not in ('kaiming', 'pytorch'):
+      raise ValueError(f"Layers.init must be 'kaiming' or 'pytorch', got {self.init!r}")
+
+  @property
+  def transposed_init(self):
+    """Kernel init of a (kh, kw, in, out) transposed conv (RD4AD's ConvTranspose2d)."""
+    return conv_init if self.init == 'kaiming' else torch_default_transposed_init
+
+  def plain_conv1x1(
+    self, features: int, in_features: int, use_bias: bool = True, name: str | None = None
+  ) -> nn.Conv:
+    """A 1x1 conv of a module that keeps PyTorch's nn.Conv2d defaults (coordinate
+    attention): with init 'pytorch' weights and bias are uniform(+-1/sqrt(in_features));
+    with 'kaiming', Flax's default (lecun normal, zero bias)."""
+    kwargs = {}
+    if self.init == 'pytorch':
+      kwargs = {
+        'kernel_init': torch_default_init,
+        'bias_init': torch_default_bias_init(in_features),
+      }
+    return nn.Conv(features, (1, 1), use_bias=use_bias, dtype=self.dtype, name=name, **kwargs)
 
   def conv(self, features: int, kernel: int, stride: int = 1, name: str | None = None) -> nn.Conv:
     return conv(features, kernel, stride, name, self.dtype)

@@ -93,7 +93,7 @@ def student_from_config(
     memory_temperature=m.memory.temperature,
     memory_shrink=m.memory.shrink,
     oce_blocks=m.get('oce_blocks'),
-    layers=Layers(jnp.dtype(config.train.dtype), bn_axis_name),
+    layers=Layers(jnp.dtype(config.train.dtype), bn_axis_name, m.get('init', 'kaiming')),
   )
 
 

@@ -33,9 +33,10 @@ def discover_categories(config: ml_collections.ConfigDict) -> list[str]:
   of the MVTec-layout root that contain train/ (MVTec AD's own in the paper's order)."""
   reader, root = config_lib.resolve_data(config)
   if config.data.dataset == 'synthetic':
-    from msrd_jax.data.synthetic import CATEGORIES  # pylint: disable=g-import-not-at-top
+    from msrd_jax.data import synthetic  # pylint: disable=g-import-not-at-top
 
-    return list(CATEGORIES)
+    if synthetic.read_marker(root) is not None:  # else one's own folder (resolve_data)
+      return list(synthetic.CATEGORIES)
   if reader == 'visa':
     from msrd_jax.data.visa import visa_categories  # pylint: disable=g-import-not-at-top
 

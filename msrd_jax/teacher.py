@@ -282,11 +282,13 @@ def load_teacher(arch: str, path: str) -> dict:
 
 
 def from_config(config: ml_collections.ConfigDict) -> dict:
-  """The teacher of a config: model.teacher_weights, or a random one from config.seed."""
+  """The teacher of a config: model.teacher_weights, or a random one drawn from
+  model.teacher_seed (None: config.seed)."""
   arch = config.model.backbone
   if config.model.teacher_weights:
     return load_teacher(arch, config.model.teacher_weights)
-  return init_teacher(arch, seed=config.seed, warn=True)
+  seed = config.model.get('teacher_seed')
+  return init_teacher(arch, seed=config.seed if seed is None else seed, warn=True)
 
 
 def fingerprint(variables: dict) -> float:

@@ -131,9 +131,18 @@ def make_train_step(
 
 
 def total_steps(config: ml_collections.ConfigDict, num_samples: int) -> int:
-  if config.train.steps is not None:
-    return int(config.train.steps)
-  return max(1, math.ceil(config.train.epochs * num_samples / config.train.batch_size))
+  """train.steps, else the steps of train.epochs over num_samples images.
+
+  train.steps_per_epoch 'stream': ceil(epochs * N / B), every image seen `epochs` times;
+  'ceil': epochs * ceil(N / B), RD4AD's count (one step per batch of its DataLoader,
+  the last batch of an epoch smaller; here all batches are full, see TrainLoader).
+  """
+  t = config.train
+  if t.steps is not None:
+    return int(t.steps)
+  if t.get('steps_per_epoch', 'stream') == 'ceil':
+    return max(1, math.ceil(t.epochs * math.ceil(num_samples / t.batch_size)))
+  return max(1, math.ceil(t.epochs * num_samples / t.batch_size))
 
 
 def _replicate(tree, devices):

@@ -19,10 +19,14 @@ from msrd_jax import metrics
 from msrd_jax.data.folder import MVTEC_OBJECTS, MVTEC_TEXTURES
 from msrd_jax.data.images import resize_image
 
+# Two AU-PROs: MVTec AD's definition (exact curve over the whole category) and RD4AD's
+# code's (per-image curves on 200 thresholds, averaged), which papers built on RD4AD
+# report (metrics.au_pro_rd4ad).
 DEFAULT_COLUMNS = (
   ('image_auroc', 'Image AUROC'),
   ('pixel_auroc', 'Pixel AUROC'),
-  ('au_pro', 'AU-PRO'),
+  ('au_pro', 'AU-PRO (MVTec)'),
+  ('au_pro_rd4ad', 'AU-PRO (RD4AD code)'),
 )
 
 
@@ -234,7 +238,8 @@ def results_table_markdown(
   Rows: categories_order if given (with any other categories after it, sorted); else
   MVTec AD's categories in the usual order (textures, then objects) followed by any
   other names sorted. columns: (metric key, header) pairs, default image AUROC, pixel
-  AUROC, AU-PRO. Values in percent with one decimal; '-' where missing or NaN.
+  AUROC, AU-PRO (MVTec AD's definition) and AU-PRO as RD4AD's code computes it. Values
+  in percent with one decimal; '-' where missing or NaN.
 
   Then one 'Mean (group)' row per group ({name: categories}; by default Textures and
   Objects when the results contain MVTec categories of both; {} for none), and a final

@@ -25,7 +25,8 @@ filled with zeros.
 
 Resizing follows RD4AD's `transforms.Resize((S, S))` on PIL images: PIL
 bilinear with antialiasing, applied per channel in PIL mode 'F' so that no
-8-bit rounding happens.
+8-bit rounding happens. RD4AD resizes ground-truth masks the same way (bilinear,
+then > 0.5); `resize_mask` offers that and nearest neighbour.
 """
 
 from __future__ import annotations
@@ -247,12 +248,24 @@ def resize_image(img: np.ndarray, size: int) -> np.ndarray:
   return out
 
 
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-  """Resizes a mask with PIL nearest neighbour, as RD4AD does.
+MASK_RESIZES = ('nearest', 'bilinear')
+
+
+def resize_mask(mask: np.ndarray, size: int, method: str = 'nearest') -> np.ndarray:
+  """Resizes a binary mask [eval.mask_resize].
+
+  'nearest': PIL nearest neighbour; every output pixel copies one input pixel.
+  'bilinear': RD4AD's ground truth. Its `transforms.Resize((S, S))` resizes the 0/255
+  mask as a PIL 'L' image with PIL's bilinear filter (antialiased when shrinking, 8-bit
+  result), `ToTensor` divides by 255 and its evaluation keeps `gt > 0.5`: here the mask
+  becomes 0/255 'L', is resized the same way and thresholded at > 127 (v / 255 > 0.5).
+  On MVTec's 0/255 masks this is RD4AD's mask exactly; thin defects shrink or vanish
+  where less than half of a pixel's filter window covers them.
 
   Args:
     mask: (H, W) bool (or 0/1 integers).
     size: the output side.
+    method: 'nearest' or 'bilinear'.
 
   Returns:
     (size, size) bool.
@@ -260,6 +273,11 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
   mask = np.asarray(mask)
   if mask.ndim != 2:
     raise ValueError(f'resize_mask expects (H, W), got shape {mask.shape}')
+  if method not in MASK_RESIZES:
+    raise ValueError(f'method must be one of {MASK_RESIZES}, got {method!r}')
   u8 = np.where(mask.astype(bool), np.uint8(255), np.uint8(0))
-  resized = Image.fromarray(u8).resize((size, size), Image.Resampling.NEAREST)
+  if u8.shape == (size, size):
+    return u8 > 127
+  resample = Image.Resampling.NEAREST if method == 'nearest' else Image.Resampling.BILINEAR
+  resized = Image.fromarray(u8).resize((size, size), resample)
   return np.asarray(resized) > 127

@@ -21,7 +21,7 @@ import numpy as np
 
 from msrd_jax.data.errors import DataError
 from msrd_jax.data.folder import Sample
-from msrd_jax.data.images import load_image, load_mask, resize_image, resize_mask
+from msrd_jax.data.images import MASK_RESIZES, load_image, load_mask, resize_image, resize_mask
 
 _THREAD_PREFIX = 'msrd_data'
 
@@ -304,6 +304,7 @@ class EvalLoader:
     num_threads: int = 8,
     prefetch: int = 2,
     on_error: str = 'raise',
+    mask_resize: str = 'nearest',
   ):
     """Args:
     samples: the test samples (from `list_samples`).
@@ -316,6 +317,8 @@ class EvalLoader:
       DataError naming it; 'record': its row stays zero and its message goes to
       the batch's 'error' slot, so that one bad file among many new images does
       not stop the others (prediction).
+    mask_resize: how masks reach R x R, 'nearest' or 'bilinear' (then > 0.5, RD4AD's
+      way); see `resize_mask` [eval.mask_resize].
     """
     self.samples = list(samples)
     if not self.samples:
@@ -329,6 +332,9 @@ class EvalLoader:
     self.image_size = int(image_size)
     self.batch_size = int(batch_size)
     self.resolution = int(resolution or image_size)
+    if mask_resize not in MASK_RESIZES:
+      raise DataError(f'mask_resize must be one of {MASK_RESIZES}, got {mask_resize!r}')
+    self.mask_resize = mask_resize
     self.num_threads = num_threads
     self.prefetch = prefetch
 
@@ -355,7 +361,7 @@ class EvalLoader:
             f' (WxH) but its image {sample.image_path} is '
             f'{img.shape[1]}x{img.shape[0]}'
           )
-        masks[row] = resize_mask(mask, self.resolution)
+        masks[row] = resize_mask(mask, self.resolution, self.mask_resize)
       path = sample.image_path
       images[row] = resize_image(img, self.image_size)
     except Exception as e:
