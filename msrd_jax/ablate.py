@@ -168,7 +168,7 @@ def summarize(
   A seed enters a variant's mean over categories only when it has all `categories`,
   and a paired difference only when both variants have that seed.
   """
-  per_category, means = {}, {}
+  per_category, means, per_seed = {}, {}, {}
   for v, by_seed in results.items():
     per_category[v] = {
       c: {
@@ -178,15 +178,16 @@ def summarize(
       for c in categories
     }
     complete = {s: r for s, r in by_seed.items() if all(c in r for c in categories)}
-    means[v] = {}
-    for m in metrics:
-      per_seed = {
+    per_seed[v] = {
+      m: {
         s: float(np.mean([r[c].get(m, math.nan) for c in categories])) for s, r in complete.items()
       }
-      means[v][m] = stats(per_seed) | {'_per_seed': per_seed}
+      for m in metrics
+    }
+    means[v] = {m: stats(per_seed[v][m]) for m in metrics}
 
   def diff(v: str, ref: str) -> dict:
-    return {m: _difference(means[v][m]['_per_seed'], means[ref][m]['_per_seed']) for m in metrics}
+    return {m: _difference(per_seed[v][m], per_seed[ref][m]) for m in metrics}
 
   to_baseline = {v: diff(v, baseline) for v in results if v != baseline and baseline in results}
   to_parent = {}
@@ -194,9 +195,6 @@ def summarize(
     parent = VARIANTS[v].parent if v in VARIANTS else None
     if parent is not None and parent in results:
       to_parent[v] = {'parent': parent, **diff(v, parent)}
-  for v in means:
-    for m in metrics:
-      del means[v][m]['_per_seed']
   return {
     'per_category': per_category,
     'mean_over_categories': means,
@@ -217,8 +215,9 @@ def _cell(s: dict, signed: bool = False) -> str:
   return text
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-  lines = ['| ' + ' | '.join(header) + ' |', '|:---|' + '---:|' * (len(header) - 1)]
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], numbers=True) -> list[str]:
+  align = '---:|' if numbers else ':---|'
+  lines = ['| ' + ' | '.join(header) + ' |', '|:---|' + align * (len(header) - 1)]
   return lines + ['| ' + ' | '.join(r) + ' |' for r in rows]
 
 
@@ -247,6 +246,7 @@ def markdown(
       + [VARIANTS[v].description]
       for v in variants
     ],
+    numbers=False,
   )
   means = summary['mean_over_categories']
   out += ['', '## Mean over categories', '']

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import cli, tiny_config
 from data_fixtures import make_mvtec_tree
 
 from msrd_jax import ablate, train
@@ -201,3 +201,18 @@ def test_tiny_ablation_runs_each_variant_and_seed_once_then_resumes(tmp_path, mo
     config, str(tmp_path), seeds=[0, 1], variants=['memory'], categories=['brick']
   )
   assert json.dumps(again, sort_keys=True) == json.dumps(summary, sort_keys=True)
+
+
+def test_command_refuses_an_unknown_variant_in_one_line(tmp_path):
+  out = cli(
+    'msrd_jax.ablate',
+    '--config',
+    'configs/synthetic.py',
+    '--workdir',
+    str(tmp_path),
+    '--variants',
+    'msrd,bifpn',
+  )
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert 'bifpn' in out.stderr and 'Traceback' not in out.stderr
+  assert not any(tmp_path.iterdir())  # nothing trained, nothing written
