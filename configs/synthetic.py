@@ -9,7 +9,9 @@ teacher is random unless model.teacher_weights points at a port of ImageNet weig
 (`python -m msrd_jax.port`).
 
 Options after the colon: `configs/synthetic.py:CATEGORY` picks the category (brick, grass,
-gravel, coffee, coins); `--config.data.root=DIR` uses any folder in the MVTec layout.
+gravel, coffee, coins); `--config.data.root=DIR` uses any folder in the MVTec layout
+(`configs/synthetic.py:widget --config.data.root=/data/my_parts` trains on
+/data/my_parts/widget); an empty or missing DIR receives the benchmark instead.
 """
 
 from msrd_jax.config import base_config
