@@ -1,9 +1,14 @@
 """Command-line plumbing shared by train, evaluate and run_all: flags and clean errors.
 
 Every command takes `--config path/to/config.py[:arg]` (any field overridable as
-`--config.a.b=value`) and `--workdir DIR`. Errors a user can cause (bad data, missing
-weights, a mismatched checkpoint, a diverged run, an invalid field) end the command with
-one line on stderr and exit status 2 instead of a stack trace.
+`--config.a.b=value`) and `--workdir DIR`. Errors a user can cause (bad flags, an
+unknown config field, bad data, missing weights, a mismatched or damaged checkpoint, a
+diverged run, an invalid field) end the command with one line on stderr and exit status
+2 instead of a stack trace. SIGINT (Ctrl-C) and SIGTERM end it with one line and status
+130 / 143, after training has saved the step it reached (msrd_jax.interrupts).
+
+Exit statuses: 0 done, 1 a bug (with its traceback), 2 an error of the user's,
+130 / 143 interrupted by SIGINT / SIGTERM.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from msrd_jax import config as config_lib
+from msrd_jax import interrupts
 from msrd_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -47,27 +53,55 @@ def enable_compilation_cache() -> None:
   )
 
 
-def _raise_keyboard_interrupt(signum, frame):
-  raise KeyboardInterrupt(f'signal {signum}')
-
-
 def run(argv, fn: Callable) -> None:
   """Calls fn(config, workdir) and turns user errors into one line and exit code 2."""
   if len(argv) > 1:
-    raise SystemExit(f'unexpected arguments: {" ".join(argv[1:])}')
+    _fail(f'unexpected arguments: {" ".join(argv[1:])}')
   if not FLAGS['verbosity'].present:
     # Orbax reports every file it writes at INFO; keep the progress bar readable.
     logging.set_verbosity(logging.WARNING)
   enable_compilation_cache()
   # A scheduler's SIGTERM gets the same treatment as Ctrl-C: training saves its step.
-  signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+  interrupts.install()
   exit_on_user_error(fn, FLAGS.config, FLAGS.workdir)
 
 
+def _fail(message: str, code: int = 2):
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def wait_for_device() -> None:
+  """Waits for every computation still running on the device.
+
+  A Python exception can leave a dispatched step running on XLA's threads; exiting the
+  interpreter under it ends in a segmentation fault instead of the intended status.
+  """
+  try:
+    jax.effects_barrier()
+    for x in jax.live_arrays():
+      try:
+        x.block_until_ready()
+      except Exception:  # a failed or deleted computation: nothing left to wait for
+        pass
+  except Exception:  # never mask the error being reported
+    pass
+
+
 def exit_on_user_error(fn: Callable, *args):
-  """fn(*args); an error the user caused ends the process with one line and status 2."""
+  """fn(*args); a user error ends the process with one line and status 2, SIGINT or
+  SIGTERM with one line and 130 / 143; a bug keeps its traceback (status 1)."""
   try:
     return fn(*args)
   except USER_ERRORS as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    wait_for_device()
+    _fail(str(e))
+  except KeyboardInterrupt as e:  # interrupts.Interrupted, or Ctrl-C from elsewhere
+    wait_for_device()
+    if not isinstance(e, interrupts.Interrupted):
+      e = interrupts.Interrupted(signal.SIGINT)
+    print(f'interrupted: {e}', file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
+  except BaseException:
+    wait_for_device()
+    raise
