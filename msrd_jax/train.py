@@ -226,7 +226,8 @@ def train(
     start = wd.latest_step() or 0
     if start:  # restored into the state's shapes; no fresh state is computed
       template = state_template(model, tx, teacher_vars, config)
-      restored, meta = wd.restore(flax.serialization.to_state_dict(template))
+      # The newest intact step; a damaged newer one is named and moved aside.
+      restored, meta = wd.restore(flax.serialization.to_state_dict(template), fallback=True)
       state = flax.serialization.from_state_dict(template, restored)
       start = int(meta['data_step'])
     else:
