@@ -201,6 +201,7 @@ def train(
 
   reader, root = config_lib.resolve_data(config)
   samples = data_lib.list_samples(reader, root, config.data.category, 'train')
+  data_lib.check_files(samples, config.data.num_threads)  # before hours of training
   loader = data_lib.TrainLoader(
     samples,
     config.data.image_size,
@@ -359,17 +360,30 @@ def _wait_for(tree) -> None:
       pass
 
 
+def check_split(config: ml_collections.ConfigDict, split: str) -> list:
+  """Lists a split of config.data and checks its files (data.check_files); returns it."""
+  reader, root = config_lib.resolve_data(config)
+  samples = data_lib.list_samples(reader, root, config.data.category, split)
+  data_lib.check_files(samples, config.data.num_threads)
+  return samples
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, evaluate_after: bool | None = None
 ) -> dict | None:
   """Trains, then evaluates; returns the results, or None when not evaluating.
 
   evaluate_after: None follows config.eval.after_training. The teacher is loaded once
-  for both.
+  for both. The test split is checked before training, so that a missing mask or an
+  unreadable file is reported before the hours of training, not after them.
   """
+  config_lib.validate(config)
+  evaluating = config.eval.after_training if evaluate_after is None else evaluate_after
+  if evaluating:
+    check_split(config, 'test')
   teacher_vars = teacher_lib.from_config(config)
   train(config, workdir, teacher_vars=teacher_vars)
-  if not (config.eval.after_training if evaluate_after is None else evaluate_after):
+  if not evaluating:
     return None
   return evaluate.evaluate(config, workdir, teacher_vars=teacher_vars)
 
