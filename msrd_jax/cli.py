@@ -13,12 +13,15 @@ Exit statuses: 0 done, 1 a bug (with its traceback), 2 an error of the user's,
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
 
 import jax
+import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
@@ -105,3 +108,63 @@ def exit_on_user_error(fn: Callable, *args):
   except BaseException:
     wait_for_device()
     raise
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing (app.run's flags_parser) with one-line errors and status 2.
+
+  absl reports most flag errors itself but lets others escape as tracebacks: an
+  override of a config field that does not exist, a config file that cannot be loaded.
+  """
+  try:
+    rest = FLAGS(argv)
+  except flags.Error as e:
+    _fail(f'{e} (--helpfull lists the flags)')
+  except (AttributeError, KeyError) as e:  # ml_collections: no such field
+    _fail(_unknown_field_message(argv, e))
+  except OSError as e:  # the config file, found missing on its first use
+    _fail(_config_file_message(argv, e))
+  if 'config' in FLAGS:
+    try:
+      FLAGS.config.keys()  # a file that failed to load raises on first access
+    except OSError as e:
+      _fail(_config_file_message(argv, e))
+  return rest
+
+
+def _config_file_message(argv: list[str], e: OSError) -> str:
+  """The file named by --config and the last line of why it did not load."""
+  path = ''
+  for i, a in enumerate(argv):
+    if a.startswith('--config='):
+      path = a.partition('=')[2]
+    elif a == '--config' and i + 1 < len(argv):
+      path = argv[i + 1]
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  return f'cannot load the config file {path!r}: {lines[-1] if lines else e}'
+
+
+def _unknown_field_message(argv: list[str], error: Exception) -> str:
+  """Names the override that failed, the closest field names and the fields there are."""
+  config = config_lib.base_config()
+  for arg in argv:
+    m = re.match(r'--config\.([\w.]+)', arg)
+    if not m:
+      continue
+    node, parts = config, m.group(1).split('.')
+    for depth, part in enumerate(parts):
+      if isinstance(node, ml_collections.ConfigDict) and part in node:
+        node = node[part]
+        continue
+      if not isinstance(node, ml_collections.ConfigDict):
+        break  # a field below a plain value: ml_collections' own message says it
+      parent = '.'.join(parts[:depth])
+      prefix = f'{parent}.' if parent else ''
+      names = sorted(node.keys())
+      close = difflib.get_close_matches(part, names, n=2, cutoff=0.6)
+      hint = f'; did you mean {" or ".join(prefix + c for c in close)}?' if close else ''
+      return (
+        f'--config.{m.group(1)}: the config has no field {prefix + part!r}{hint} '
+        f'(fields of {parent or "the config"}: {", ".join(names)})'
+      )
+  return f'a --config override names no field of the config ({error})'
