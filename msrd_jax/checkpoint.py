@@ -2,17 +2,28 @@
 
     DIR/config.json          the resolved config of the run (written once it is safe)
     DIR/checkpoints/<step>/  Orbax: 'state' (step, params, batch_stats, opt_state, rng)
-                             and 'meta' (data position, identity, teacher fingerprint)
+                             and 'meta' (data position, identity, teacher fingerprint,
+                             SHA-256 checksums of the state and of the meta itself)
+    DIR/damaged_checkpoints/ steps found damaged, moved out of the way (kept to inspect)
 
 A checkpoint can only continue under a config with the same *identity*: the fields
 that shape the parameters or the data stream. Anything else (epochs, learning rate,
 logging) may change between a run and its resumption.
+
+Every step proves its integrity: its meta holds a SHA-256 of each top-level entry of
+the state (over the arrays' bytes, in a fixed order) and a SHA-256 of the meta itself.
+A restore checks both. When the newest step is damaged (flipped bytes, a truncated
+file, unreadable metadata), training falls back to the newest intact step with a
+one-line warning and moves the damaged one aside; evaluation refuses and names both,
+since scoring an older step than the run trained to would be misleading.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sys
 from typing import Any
 
 import flax
@@ -39,6 +50,41 @@ IDENTITY_FIELDS = (
 
 class CheckpointMismatch(UserError):
   """A work directory holds a checkpoint of another, incompatible run."""
+
+
+class CheckpointDamaged(UserError):
+  """A checkpoint's files no longer hold what was saved (or cannot be read at all)."""
+
+  def __init__(self, message: str, step: int | None = None, reason: str = ''):
+    super().__init__(message)
+    self.step = step
+    self.reason = reason
+
+
+def tree_sha256(tree: Any) -> str:
+  """SHA-256 over a pytree's leaves: path, dtype, shape and bytes, in key order."""
+  h = hashlib.sha256()
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f'{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}|'.encode())
+    h.update(a.reshape(-1).view(np.uint8))
+  return h.hexdigest()
+
+
+def state_checksums(state: dict) -> dict[str, str]:
+  """{top-level entry: SHA-256}: a partial restore can check the entries it reads."""
+  return {k: tree_sha256(v) for k, v in state.items()}
+
+
+def _meta_sha256(meta: dict) -> str:
+  body = {k: v for k, v in meta.items() if k != 'meta_sha256'}
+  return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+  text = ' '.join(str(e).split())
+  return f'{type(e).__name__}: {text[:limit]}{"..." if len(text) > limit else ""}'
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str):
@@ -127,11 +173,15 @@ class Workdir:
   def check_compatible(
     self, config: ml_collections.ConfigDict, teacher_fingerprint: float | None = None
   ) -> None:
-    """Refuses a config (or teacher) that differs from the latest checkpoint's."""
-    step = self.latest_step()
-    if step is None:
+    """Refuses a config (or teacher) that differs from the latest checkpoint's.
+
+    The latest checkpoint whose meta is intact is compared; a damaged one is left to
+    `restore`, which falls back or refuses.
+    """
+    found = self._newest_intact_meta()
+    if found is None:
       return
-    meta = self.restore_meta(step)
+    step, meta = found
     problems = differences(meta['identity'], identity(config))
     stored = meta.get('teacher_fingerprint')
     if (
@@ -159,41 +209,136 @@ class Workdir:
 
     The write finishes in the background; Orbax publishes a step only once it is
     complete, so a crash during a save leaves the previous checkpoint as the latest.
+    The meta carries the checksums that `restore` verifies.
     """
     state = jax.tree_util.tree_map(np.asarray, jax.device_get(state))
+    meta = _jsonable({**meta, 'checksums': state_checksums(state)})
+    meta['meta_sha256'] = _meta_sha256(meta)
     self.manager.save(
       step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta))
     )
 
+  def wait(self) -> None:
+    """Returns once every save started so far is on disk."""
+    self.manager.wait_until_finished()
+
   def restore_meta(self, step: int | None = None) -> dict:
+    """The meta of `step` (default: the latest), verified against its own checksum."""
     step = self.latest_step() if step is None else step
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    where = f'checkpoint step {step} in {self.checkpoint_dir!r}'
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+        'meta'
+      ]
+    except Exception as e:  # Orbax and json raise many types for damaged files
+      reason = f'its metadata cannot be read ({_short(e)})'
+      raise CheckpointDamaged(f'{where} is damaged: {reason}', step, reason) from None
+    if not isinstance(meta, dict) or 'data_step' not in meta:
+      reason = 'its metadata is not what was saved'
+      raise CheckpointDamaged(f'{where} is damaged: {reason}', step, reason)
+    # Checkpoints written before checksums existed carry none; they are trusted.
+    if 'meta_sha256' in meta and meta['meta_sha256'] != _meta_sha256(meta):
+      reason = 'its metadata does not match its checksum'
+      raise CheckpointDamaged(f'{where} is damaged: {reason}', step, reason)
+    return meta
 
-  def restore(
-    self, target: dict, step: int | None = None, partial: bool = False
-  ) -> tuple[dict, dict]:
-    """(state shaped like `target`, meta) of `step` (default: the latest).
+  def _newest_intact_meta(self) -> tuple[int, dict] | None:
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return step, self.restore_meta(step)
+      except CheckpointDamaged:
+        continue
+    return None
 
-    target: a pytree of arrays or ShapeDtypeStructs. partial: `target` names only some
-    top-level entries of the saved state (evaluation reads params and batch_stats and
-    leaves the optimizer state on disk).
-    """
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'no checkpoint in {self.checkpoint_dir!r}')
+  def _restore_step(self, target: dict, step: int, partial: bool) -> tuple[dict, dict]:
+    """(state, meta) of one step, both verified; CheckpointDamaged otherwise."""
+    meta = self.restore_meta(step)
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
     state_args = ocp.args.PyTreeRestore(
       abstract,
       restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
       partial_restore=partial,
     )
+    where = f'checkpoint step {step} in {self.checkpoint_dir!r}'
     try:
-      restored = self.manager.restore(
-        step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore())
-      )
-    except (ValueError, KeyError, TypeError) as e:
-      raise CheckpointMismatch(
-        f'the checkpoint at step {step} in {self.checkpoint_dir!r} does not fit the '
-        f'model of this config ({type(e).__name__}: {str(e)[:500]})'
-      ) from None
-    return restored['state'], restored['meta']
+      state = self.manager.restore(step, args=ocp.args.Composite(state=state_args))['state']
+    except Exception as e:  # a damaged file or one of another model: see `restore`
+      reason = f'its arrays cannot be restored ({_short(e)})'
+      raise CheckpointDamaged(f'{where} is damaged: {reason}', step, reason) from None
+    stored = meta.get('checksums') or {}
+    bad = [k for k in state if k in stored and tree_sha256(state[k]) != stored[k]]
+    if bad:
+      reason = f'the saved {", ".join(bad)} no longer match their SHA-256 checksum'
+      raise CheckpointDamaged(f'{where} is damaged: {reason}', step, reason)
+    return state, meta
+
+  def restore(
+    self, target: dict, step: int | None = None, partial: bool = False, fallback: bool = False
+  ) -> tuple[dict, dict]:
+    """(state shaped like `target`, meta) of `step` (default: the latest intact one).
+
+    target: a pytree of arrays or ShapeDtypeStructs. partial: `target` names only some
+    top-level entries of the saved state (evaluation reads params and batch_stats and
+    leaves the optimizer state on disk); only those are verified.
+    fallback: when the latest step is damaged, restore the newest intact one instead,
+    print one warning line per damaged step and move those steps to
+    DIR/damaged_checkpoints/ (so that later saves neither collide with them nor let
+    Orbax's max_to_keep delete the intact step in their favour). Without it, a
+    damaged latest step is refused with CheckpointDamaged naming it and the newest
+    intact one.
+
+    Raises:
+      FileNotFoundError: no checkpoint at all.
+      CheckpointDamaged: as above, or when no step is intact.
+    """
+    if step is not None:
+      return self._restore_step(target, step, partial)
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
+      raise FileNotFoundError(f'no checkpoint in {self.checkpoint_dir!r}')
+    damaged: list[CheckpointDamaged] = []
+    for s in steps:
+      try:
+        state, meta = self._restore_step(target, s, partial)
+      except CheckpointDamaged as e:
+        damaged.append(e)
+        continue
+      if damaged and not fallback:
+        raise CheckpointDamaged(
+          f'the latest checkpoint, step {steps[0]} in {self.checkpoint_dir!r}, is damaged '
+          f'({damaged[0].reason}); step {s} is intact. Run the train command again with '
+          f'the same config: it resumes from step {s}, redoes the later steps and moves '
+          'the damaged one aside.',
+          steps[0],
+          damaged[0].reason,
+        )
+      for e in damaged:
+        moved = self._set_aside(e.step)
+        print(
+          f'warning: checkpoint step {e.step} is damaged ({e.reason}); resuming from '
+          f'step {s}, the newest intact one (damaged step moved to {moved})',
+          file=sys.stderr,
+          flush=True,
+        )
+      return state, meta
+    listed = '; '.join(f'step {e.step}: {e.reason}' for e in damaged)
+    raise CheckpointDamaged(
+      f'no checkpoint in {self.checkpoint_dir!r} can be restored ({listed}). If they were '
+      'written by another version of msrd_jax, its model may differ from this one; '
+      'otherwise the files are damaged. Train into a new --workdir, or move the '
+      'checkpoints folder away to start this one afresh.'
+    )
+
+  def _set_aside(self, step: int) -> str:
+    """Moves a damaged step to DIR/damaged_checkpoints/ (never deletes it)."""
+    self.manager.wait_until_finished()
+    src = os.path.join(self.checkpoint_dir, str(step))
+    dest_dir = os.path.join(self.path, 'damaged_checkpoints')
+    os.makedirs(dest_dir, exist_ok=True)
+    dest, n = os.path.join(dest_dir, str(step)), 1
+    while os.path.exists(dest):
+      dest, n = os.path.join(dest_dir, f'{step}.{n}'), n + 1
+    if jax.process_index() == 0 and os.path.exists(src):
+      os.rename(src, dest)
+    self.manager.reload()
+    return dest

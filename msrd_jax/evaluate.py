@@ -247,4 +247,4 @@ def main(argv) -> None:
 
 if __name__ == '__main__':
   cli.define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

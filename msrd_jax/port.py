@@ -219,4 +219,4 @@ if __name__ == '__main__':
   flags.DEFINE_string('input', None, '.pth/.pt or .safetensors file (a torchvision state_dict).')
   flags.DEFINE_string('output', None, 'Teacher file to write.')
   flags.mark_flags_as_required(['arch', 'input', 'output'])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

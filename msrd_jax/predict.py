@@ -283,4 +283,4 @@ if __name__ == '__main__':
   flags.DEFINE_bool('save_masks', False, 'Also write each binary defect mask as PNG.')
   flags.DEFINE_bool('save_maps', False, 'Also write each float32 map as .npy.')
   flags.mark_flags_as_required(['input', 'output'])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

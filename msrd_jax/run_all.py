@@ -10,12 +10,19 @@ from its checkpoint, so an interrupted command continues where it stopped when r
 again. At the end DIR/results.json holds {category: metrics} and DIR/results.md the
 table in the layout papers use (MVTec AD's textures, then objects, group means and the
 mean row). --categories restricts the run (comma-separated).
+
+A category that fails (bad data, a damaged checkpoint, a crash) is reported when it
+happens and the others still run; the command then ends by listing the failed ones and
+exits with status 2. Ctrl-C or SIGTERM stops the whole command (the category being
+trained saves its step first).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+import traceback
 
 import ml_collections
 from absl import app, flags
@@ -24,8 +31,18 @@ from msrd_jax import cli, files, visualize
 from msrd_jax import config as config_lib
 from msrd_jax import data as data_lib
 from msrd_jax import train as train_lib
+from msrd_jax.errors import UserError
 
 FLAGS = flags.FLAGS
+
+
+class CategoriesFailed(UserError):
+  """Some categories of a run_all failed; the others were run."""
+
+  def __init__(self, message: str, failures: dict[str, str], results: dict):
+    super().__init__(message)
+    self.failures = failures
+    self.results = results
 
 
 def discover_categories(config: ml_collections.ConfigDict) -> list[str]:
@@ -60,11 +77,17 @@ def category_config(config: ml_collections.ConfigDict, category: str) -> ml_coll
 def run_all(
   config: ml_collections.ConfigDict, workdir: str, categories: list[str] | None = None
 ) -> dict[str, dict[str, float]]:
-  """Trains and evaluates each category (skipping finished ones); returns all results."""
+  """Trains and evaluates each category (skipping finished ones); returns all results.
+
+  Raises:
+    CategoriesFailed: after all categories were tried, naming those that failed (the
+      results of the others are written).
+  """
 
   config_lib.validate(config)
   categories = categories or discover_categories(config)
   results = {}
+  failures: dict[str, str] = {}
   for i, category in enumerate(categories, start=1):
     cfg = category_config(config, category)
     cat_dir = os.path.join(workdir, category)
@@ -77,10 +100,40 @@ def run_all(
         results[category] = stored[category]
         continue
     print(f'[{i}/{len(categories)}] {category}', flush=True)
-    results.update(train_lib.train_and_evaluate(cfg, cat_dir, evaluate_after=True))
+    failure = _run_category(cfg, cat_dir, results)
+    if failure is not None:
+      failures[category] = failure
+      print(f'[{i}/{len(categories)}] {category}: FAILED: {failure}', file=sys.stderr, flush=True)
+      continue
     _write(workdir, results)  # a partial table after each category
   _write(workdir, results)
+  if failures:
+    raise CategoriesFailed(
+      f'{len(failures)} of {len(categories)} categories failed: '
+      + '; '.join(f'{c}: {m}' for c, m in failures.items())
+      + f'. The results of the others are in {os.path.join(workdir, "results.md")}.',
+      failures,
+      results,
+    )
   return results
+
+
+def _run_category(config: ml_collections.ConfigDict, workdir: str, results: dict) -> str | None:
+  """Trains and evaluates one category into `results`; what went wrong, or None.
+
+  A user error is one line; any other error also prints its traceback, for a bug
+  report. Interrupts are not caught: they stop the whole command.
+  """
+  try:
+    results.update(train_lib.train_and_evaluate(config, workdir, evaluate_after=True))
+  except UserError as e:
+    return ' '.join(str(e).split())
+  except FileNotFoundError as e:
+    return str(e)
+  except Exception as e:  # a crash in one category must not cost the others
+    traceback.print_exc()
+    return f'{type(e).__name__}: {e} (traceback above)'
+  return None
 
 
 def _write(workdir: str, results: dict) -> None:
@@ -93,7 +146,13 @@ def _write(workdir: str, results: dict) -> None:
 def main(argv) -> None:
   def run(config, workdir):
     categories = [c for c in FLAGS.categories.split(',') if c] if FLAGS.categories else None
-    print(visualize.results_table_markdown(run_all(config, workdir, categories)))
+    try:
+      results = run_all(config, workdir, categories)
+    except CategoriesFailed as e:
+      if e.results:
+        print(visualize.results_table_markdown(e.results))
+      raise
+    print(visualize.results_table_markdown(results))
 
   cli.run(argv, run)
 
@@ -101,4 +160,4 @@ def main(argv) -> None:
 if __name__ == '__main__':
   cli.define_flags('Directory of the whole run: one sub-folder per category.')
   flags.DEFINE_string('categories', None, 'Comma-separated categories (default: all).')
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -5,7 +5,9 @@
         --config.data.root=/data/mvtec_anomaly_detection --config.data.category=bottle
 
 Running the same command again after a crash or Ctrl-C resumes from the last checkpoint
-and ends with the same parameters as an uninterrupted run. At the end the decision
+and ends with the same parameters as an uninterrupted run. Ctrl-C or SIGTERM finishes
+the step in progress, saves it and exits with status 130 / 143 (msrd_jax.interrupts).
+Every file the command reads is checked before the first step. At the end the decision
 threshold is calibrated on defect-free images (calibration.source, see
 msrd_jax.calibrate) and, when eval.after_training is set, the test set is evaluated
 (see msrd_jax.evaluate).
@@ -14,7 +16,6 @@ msrd_jax.calibrate) and, when eval.after_training is set, the test set is evalua
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +29,7 @@ import optax
 from absl import app
 from tqdm import tqdm
 
-from msrd_jax import calibrate, checkpoint, cli, evaluate, losses, metric_writers
+from msrd_jax import calibrate, checkpoint, cli, evaluate, interrupts, losses, metric_writers
 from msrd_jax import config as config_lib
 from msrd_jax import data as data_lib
 from msrd_jax import teacher as teacher_lib
@@ -211,6 +212,7 @@ def train(
 
   reader, root = config_lib.resolve_data(config)
   samples = data_lib.list_samples(reader, root, config.data.category, 'train')
+  data_lib.check_files(samples, config.data.num_threads)  # before hours of training
   samples = calibrate.training_samples(config, samples)  # less a calibration holdout
   loader = data_lib.TrainLoader(
     samples,
@@ -237,7 +239,8 @@ def train(
     start = wd.latest_step() or 0
     if start:  # restored into the state's shapes; no fresh state is computed
       template = state_template(model, tx, teacher_vars, config)
-      restored, meta = wd.restore(flax.serialization.to_state_dict(template))
+      # The newest intact step; a damaged newer one is named and moved aside.
+      restored, meta = wd.restore(flax.serialization.to_state_dict(template), fallback=True)
       state = flax.serialization.from_state_dict(template, restored)
       start = int(meta['data_step'])
     else:
@@ -278,10 +281,9 @@ def train(
       desc=f'train {config.data.category}',
     )
     pending: tuple[int, Any] | None = None
-    verified = start  # state after this many steps is known to be finite
+    reached = start  # steps dispatched so far: `state` is the state after them
 
     def check(step_done: int, metrics) -> dict:
-      nonlocal verified
       m = jax.device_get(_unreplicate(metrics))
       if not bool(m['finite']):
         raise TrainingDiverged(
@@ -289,7 +291,6 @@ def train(
           f'{step_done - 1} (0-based) is not finite; training stopped. The last good '
           f'checkpoint (step {wd.latest_step()}) is kept in {wd.checkpoint_dir}.'
         )
-      verified = step_done
       return {k: float(v) for k, v in m.items() if k != 'finite'}
 
     def report(step_done: int, m: dict) -> None:
@@ -307,55 +308,76 @@ def train(
       )
 
     try:
-      with loader.iterate(start) as batches:
-        for batch in batches:
-          step = int(batch['step'])
-          if step >= num_steps:
-            break
-          images = data_lib.shard_batch(batch['image'], len(devices))
-          state, metrics = p_step(state, teacher_r, images)
-          if pending is not None:  # the previous step's figures, without a stall
-            report(pending[0], check(*pending))
-          pending = (step + 1, metrics)
-          if (step + 1) % every == 0 or step + 1 == num_steps:
-            report(step + 1, check(*pending))
-            pending = None
-            save(step + 1, _host_state(state))
-          bar.update(1)
-          if on_step is not None:
-            on_step(step + 1)
-    except KeyboardInterrupt:
-      _save_interrupted(state, pending, check, lambda: verified, save, wd)
-      raise
+      # A signal only sets a flag here; it is acted on between steps, below.
+      with interrupts.polling():
+        with loader.iterate(start) as batches:
+          for batch in batches:
+            step = int(batch['step'])
+            if step >= num_steps or interrupts.received() is not None:
+              break
+            images = data_lib.shard_batch(batch['image'], len(devices))
+            state, metrics = p_step(state, teacher_r, images)
+            reached = step + 1
+            if pending is not None:  # the previous step's figures, without a stall
+              report(pending[0], check(*pending))
+            pending = (step + 1, metrics)
+            if (step + 1) % every == 0 or step + 1 == num_steps:
+              report(step + 1, check(*pending))
+              pending = None
+              save(step + 1, _host_state(state))
+            bar.update(1)
+            if on_step is not None:
+              on_step(step + 1)
+        signum = interrupts.received()
+        if signum is not None:
+          bar.close()
+          detail = _save_reached(state, reached, pending, check, report, save, wd)
+          raise interrupts.Interrupted(signum, detail)
     finally:
+      # Never leave while a step still runs on XLA's threads: exiting the process
+      # under it crashes the interpreter (and a failed step's error surfaces here).
+      _wait_for(state)
       bar.close()
       log.writer.close()
     return jax.device_get(_unreplicate(state))
 
 
-def _save_interrupted(
-  state, pending, check, verified: Callable[[], int], save, wd: checkpoint.Workdir
-) -> None:
-  """On Ctrl-C (or SIGTERM, see cli): keeps the state reached, if it is known sound.
+def _save_reached(state, reached: int, pending, check, report, save, wd) -> str:
+  """On SIGINT / SIGTERM: finishes the step in flight, checks it, saves it.
 
-  The state is saved only when its own step counter is a step whose figures were
-  checked finite; an interrupt that lands inside a step (whose input buffers were
-  donated) leaves the last periodic checkpoint as it is.
+  Called between steps, so `state` is the state after `reached` steps and `pending`
+  holds the figures of its last step if they were not checked yet. A non-finite step
+  raises TrainingDiverged and the last good checkpoint stays the latest. Returns what
+  was kept, for the one line msrd_jax.cli prints.
   """
-  try:
-    done = int(jax.device_get(state.step)[0])
-    if pending is not None and pending[0] == done:
-      check(*pending)
-    if done == verified() and done > (wd.latest_step() or 0):
-      save(done, _host_state(state))
-      print(f'\ninterrupted: saved step {done} in {wd.checkpoint_dir}', file=sys.stderr)
-  except TrainingDiverged:
-    raise
-  except (RuntimeError, ValueError) as e:  # e.g. a donated, deleted buffer
-    print(
-      f'\ninterrupted inside a step ({e}); the last checkpoint is step {wd.latest_step()}',
-      file=sys.stderr,
-    )
+  jax.block_until_ready(state)
+  if pending is not None:
+    report(pending[0], check(*pending))
+  wd.wait()  # a periodic save may still be writing
+  latest = wd.latest_step()
+  if latest is None and reached == 0:
+    return 'stopped before the first step; nothing to save'
+  if reached != latest:
+    save(reached, _host_state(state))
+    wd.wait()
+  return f'saved step {reached} in {wd.checkpoint_dir}'
+
+
+def _wait_for(tree) -> None:
+  """Blocks until the device has computed every array of `tree` (donated ones skipped)."""
+  for x in jax.tree_util.tree_leaves(tree):
+    try:
+      x.block_until_ready()
+    except (RuntimeError, ValueError, AttributeError):  # deleted (donated), or not an array
+      pass
+
+
+def check_split(config: ml_collections.ConfigDict, split: str) -> list:
+  """Lists a split of config.data and checks its files (data.check_files); returns it."""
+  reader, root = config_lib.resolve_data(config)
+  samples = data_lib.list_samples(reader, root, config.data.category, split)
+  data_lib.check_files(samples, config.data.num_threads)
+  return samples
 
 
 def train_and_evaluate(
@@ -365,13 +387,18 @@ def train_and_evaluate(
 
   Calibration (msrd_jax.calibrate) runs unless calibration.source is 'none'.
   evaluate_after: None follows config.eval.after_training. The teacher is loaded once
-  for all three.
+  for all three. The test split is checked before training, so that a missing mask or
+  an unreadable file is reported before the hours of training, not after them.
   """
+  config_lib.validate(config)
+  evaluating = config.eval.after_training if evaluate_after is None else evaluate_after
+  if evaluating:
+    check_split(config, 'test')
   teacher_vars = teacher_lib.from_config(config)
   train(config, workdir, teacher_vars=teacher_vars)
   if calibrate.source_of(config) != 'none':
     calibrate.calibrate_run(config, workdir, teacher_vars=teacher_vars)
-  if not (config.eval.after_training if evaluate_after is None else evaluate_after):
+  if not evaluating:
     return None
   return evaluate.evaluate(config, workdir, teacher_vars=teacher_vars)
 
@@ -382,4 +409,4 @@ def main(argv) -> None:
 
 if __name__ == '__main__':
   cli.define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

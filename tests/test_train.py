@@ -87,24 +87,6 @@ def test_crashed_run_resumes_to_the_same_parameters(synthetic_root, uninterrupte
 
 
 @pytest.mark.slow
-def test_interrupted_run_saves_its_last_step_and_resumes(synthetic_root, uninterrupted, tmp_path):
-  _, reference = uninterrupted
-  config = tiny_config(synthetic_root)
-
-  def interrupt(step):
-    if step == 5:
-      raise KeyboardInterrupt
-
-  with pytest.raises(KeyboardInterrupt):
-    train.train(config, str(tmp_path), on_step=interrupt)
-  with checkpoint.Workdir(str(tmp_path), create=False) as wd:
-    assert wd.latest_step() == 5  # Ctrl-C keeps the work done
-  resumed = train.train(config, str(tmp_path))
-  for got, want in zip(_leaves(resumed), _leaves(reference)):
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-
-
-@pytest.mark.slow
 def test_incompatible_config_is_refused_and_checkpoint_kept(synthetic_root, uninterrupted):
   workdir, _ = uninterrupted
   before = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(workdir) for p in fs}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from msrd_jax.data.checks import check_files
 from msrd_jax.data.errors import DataError
 from msrd_jax.data.folder import (
   IMAGE_EXTENSIONS,
@@ -68,6 +69,7 @@ __all__ = [
   'MVTEC_TEXTURES',
   'Sample',
   'TrainLoader',
+  'check_files',
   'ensure_synthetic',
   'list_mvtec',
   'list_samples',

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import threading
 
 import numpy as np
 import tifffile
@@ -200,7 +202,11 @@ def load_mask(path: str | os.PathLike) -> np.ndarray:
   store small nonzero values (1, or one value per defect) that a '> half of
   full scale' rule would wipe out. Lossy files (JPEG) are binarized at > half
   of full scale, since their compression noise makes zeros inexact. Float
-  (TIFF) masks are binarized at > 0.5, RD4AD's threshold.
+  (TIFF) masks are binarized at > 0.5, RD4AD's threshold. A grey mask (more
+  than two values, reaching half of full scale: anti-aliased edges, a soft
+  map) is binarized at > half of full scale, RD4AD's > 0.5, since > 0 would
+  mark nearly all of it defective; a warning names the first such mask of
+  each category once.
 
   Args:
     path: a mask image file.
@@ -218,7 +224,44 @@ def load_mask(path: str | os.PathLike) -> np.ndarray:
     return arr > 0.5
   if dec.lossy:
     return arr > 0.5 * dec.full_scale
+  if _is_grey(arr, dec.full_scale):
+    return _binarize_grey(path, arr, dec.full_scale)
   return arr > 0
+
+
+_grey_warned: set[str] = set()
+_grey_lock = threading.Lock()
+
+
+def _is_grey(arr: np.ndarray, full_scale: float) -> bool:
+  """More than two values, reaching half of full scale: a grey mask, not a label map.
+
+  VisA's label maps hold small values (1, or one per defect), far below half scale.
+  """
+  if arr.dtype.kind == 'b' or not arr.size or float(arr.max()) < 0.5 * full_scale:
+    return False
+  return len(np.unique(arr)) > 2
+
+
+def _binarize_grey(path: str, arr: np.ndarray, full_scale: float) -> np.ndarray:
+  """> half of full scale; warns once per category (the mask folder's parent)."""
+  out = arr > 0.5 * full_scale
+  key = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  with _grey_lock:
+    first = key not in _grey_warned
+    _grey_warned.add(key)
+  if first:
+    levels = len(np.unique(arr))
+    print(
+      f'warning: the mask {path} is not binary ({levels} grey levels in '
+      f'0..{int(full_scale)}): binarized at > {int(full_scale) // 2} (half of full scale, '
+      f'as RD4AD), which marks {100 * out.mean():.1f} % of it defective (> 0 would mark '
+      f'{100 * (arr > 0).mean():.1f} %); other grey masks of this category are treated '
+      'alike without another warning',
+      file=sys.stderr,
+      flush=True,
+    )
+  return out
 
 
 def resize_image(img: np.ndarray, size: int) -> np.ndarray:
