@@ -48,13 +48,21 @@ from msrd_jax.oce import OCE
 
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'student_parity.npz')
 
-# max |ours - torch| / max |torch|. float32 accumulates ~1e-7 per operation; the deepest
-# check (the whole student: ~20 convs and BatchNorms, then their backward) stays ~10x
-# below these.
-FORWARD_TOL = 1e-5
-STATS_TOL = 1e-5
-GRAD_TOL = 1e-4
+# max |ours - torch| / max |torch| (the reference is exact: PyTorch in float64), per kind
+# of array. A train-mode BatchNorm over only 4 values per channel (the OCE at 2 x 1, in
+# four checks) divides by the spread of 4 numbers and amplifies float32 rounding: there
+# PyTorch's own float32 forward is 2e-5 from the exact one, so those checks get the
+# looser tolerances.
+TOLERANCES = {'forward': 1e-5, 'stats': 1e-5, 'grad': 2e-5}
+TOLERANCES_FEW_VALUES = {'forward': 5e-5, 'stats': 1e-5, 'grad': 2e-4}
 PYTORCH_MOMENTUM = 0.1
+
+
+def _tol(name: str, kind: str) -> float:
+  counts = json.loads(str(_fixture()[f'{name}/train/bn_counts'])).values()
+  few = min(counts, default=np.inf) <= 4
+  return (TOLERANCES_FEW_VALUES if few else TOLERANCES)[kind]
+
 
 # Largest deviation per check and kind of array, printed at the end of the module.
 DEVIATIONS: dict[str, dict[str, float]] = {}
@@ -104,9 +112,11 @@ def _as_list(out):
 
 @functools.cache
 def ours(name: str):
-  """(module, torch key prefix it stands for, call(module, variables, inputs, train, **kw)).
+  """(module, prefix, call) of check `name`.
 
-  call returns ((outputs, entropy or None), mutated variables or None).
+  prefix: where the torch keys land in the whole Student's tree ('decoder.' for a
+  Decoder checked alone); it is cut from our paths. call(module, variables, inputs,
+  train, **apply_kwargs) returns ((outputs, entropy or None), mutated variables or None).
   """
 
   def plain(module, variables, xs, train, **kw):
@@ -400,10 +410,10 @@ def test_eval_forward_matches_pytorch(name):
   outs, entropy = _run(name)['eval']
   for k, o in enumerate(outs):
     err = _record(name, 'forward/eval', o, fx[f'{name}/eval/out{k}'])
-    assert err <= FORWARD_TOL, f'{name} eval out{k}: {err:.2e}'
+    assert err <= _tol(name, 'forward'), f'{name} eval out{k}: {err:.2e}'
   if f'{name}/eval/entropy' in fx:
     err = _record(name, 'forward/entropy', entropy, fx[f'{name}/eval/entropy'])
-    assert err <= FORWARD_TOL, f'{name} entropy: {err:.2e}'
+    assert err <= _tol(name, 'forward'), f'{name} entropy: {err:.2e}'
 
 
 @pytest.mark.parametrize('name', CHECK_NAMES)
@@ -413,9 +423,9 @@ def test_train_forward_and_running_statistics_match_pytorch(name):
   outs, entropy, loss = _run(name)['train']
   for k, o in enumerate(outs):
     err = _record(name, 'forward/train', o, fx[f'{name}/train/out{k}'])
-    assert err <= FORWARD_TOL, f'{name} train out{k}: {err:.2e}'
+    assert err <= _tol(name, 'forward'), f'{name} train out{k}: {err:.2e}'
   err = _record(name, 'forward/loss', loss, fx[f'{name}/train/loss'])
-  assert err <= FORWARD_TOL, f'{name} loss: {err:.2e}'
+  assert err <= _tol(name, 'forward'), f'{name} loss: {err:.2e}'
 
   # PyTorch's statistics after the step, in our terms.
   stored = f'{name}/train/stats/'
@@ -445,7 +455,7 @@ def test_train_forward_and_running_statistics_match_pytorch(name):
     path, leaf = our_path(key, prefix)
     ours_key = '/'.join(path + (_KINDS[manifest[key][0]][1],))
     err = _record(name, 'stats', got[ours_key], want)
-    assert err <= STATS_TOL, f'{name} {key}: {err:.2e}'
+    assert err <= _tol(name, 'stats'), f'{name} {key}: {err:.2e}'
 
 
 @pytest.mark.parametrize('name', CHECK_NAMES)
@@ -455,7 +465,7 @@ def test_gradients_match_pytorch(name):
   gparams, ginputs = _run(name)['grads']
   for k, g in enumerate(ginputs):
     err = _record(name, 'grad/inputs', g, fx[f'{name}/grad/input{k}'])
-    assert err <= GRAD_TOL, f'{name} d loss / d input{k}: {err:.2e}'
+    assert err <= _tol(name, 'grad'), f'{name} d loss / d input{k}: {err:.2e}'
   flat = _flat(gparams)
   for key in recipe.CHECKS[name]['grads']:
     kind = manifest[key][0]
@@ -464,7 +474,7 @@ def test_gradients_match_pytorch(name):
     if kind in _TO_TORCH:
       g = _TO_TORCH[kind](g)[: recipe.GRAD_SLICE]
     err = _record(name, 'grad/params', g, fx[f'{name}/grad/{key}'])
-    assert err <= GRAD_TOL, f'{name} d loss / d {key}: {err:.2e}'
+    assert err <= _tol(name, 'grad'), f'{name} d loss / d {key}: {err:.2e}'
 
 
 def test_running_variance_follows_flax_not_pytorch():
@@ -482,10 +492,11 @@ def test_running_variance_follows_flax_not_pytorch():
 
 
 def test_zz_print_deviations():
-  """Largest deviation per check (run with -s to see it)."""
+  """Largest deviation per check, and its tolerance (run with -s to see them)."""
   kinds = ('forward', 'stats', 'grad')
-  print('\nlargest max|ours - torch| / max|torch| per check:')
-  print(f'{"check":<20}' + ''.join(f'{k:>10}' for k in kinds))
+  print('\nlargest max|ours - torch| / max|torch| per check (tolerance):')
+  print(f'{"check":<20}' + ''.join(f'{k:>20}' for k in kinds))
   for name in CHECK_NAMES:
     row = DEVIATIONS.get(name, {})
-    print(f'{name:<20}' + ''.join(f'{row.get(k, float("nan")):>10.1e}' for k in kinds))
+    cells = [f'{row[k]:.1e} ({_tol(name, k):.0e})' if k in row else '-' for k in kinds]
+    print(f'{name:<20}' + ''.join(f'{c:>20}' for c in cells))

@@ -24,8 +24,6 @@ from msrd_jax.layers import Layers
 from msrd_jax.memory import MemoryBank
 from msrd_jax.model import Student
 
-# XLA's full optimization takes longer to compile these one-shot graphs than it saves.
-_FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 # resnet18 features of a 32 x 32 image: e1 at 8 x 8.
 _FEATURE_SHAPES = ((2, 8, 8, 64), (2, 4, 4, 128), (2, 2, 2, 256))
 _DEFAULT_LOGITS = np.where(np.eye(3, dtype=bool), 1.0, 0.5)
@@ -84,17 +82,12 @@ def _variables(student: Student, **overrides) -> dict:
   return flax.traverse_util.unflatten_dict(out)
 
 
-@functools.cache
-def _forward_fn(student: Student):
-  variables = _variables(student)
-  fn = jax.jit(lambda v, f: student.apply(v, f, train=False))
-  return fn.lower(variables, _features()).compile(_FAST_COMPILE)
-
-
 def _run(fusion='msff', attention=('fusion', 'decoder'), memory_mode='replace', **overrides):
   """(decoded [d1, d2, d3], embedding, entropy) as numpy, in eval mode."""
   student = _student(fusion=fusion, attention=attention, memory_mode=memory_mode)
-  decoded, aux = _forward_fn(student)(_variables(student, **overrides), _features())
+  # Eager: the variants share most operations, which compile once each; a jit per
+  # variant would compile every variant whole.
+  decoded, aux = student.apply(_variables(student, **overrides), _features(), train=False)
   return [np.asarray(d) for d in decoded], np.asarray(aux['embedding']), float(aux['entropy'])
 
 
@@ -225,11 +218,9 @@ def test_bfloat16_config_computes_in_bfloat16_with_float32_parameters():
     assert msrd.teacher.dtype == jnp.dtype(dtype)
     variables = _variables(msrd.student)
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(variables))
-    (decoded, aux), inter = jax.jit(
-      lambda v, f: msrd.student.apply(  # noqa: B023
-        v, f, train=False, capture_intermediates=True, mutable=['intermediates']
-      )
-    )(variables, _features())
+    (decoded, aux), inter = msrd.student.apply(
+      variables, _features(), train=False, capture_intermediates=True, mutable=['intermediates']
+    )
     conv_out = inter['intermediates']['decoder']['level1_1']['conv2']['__call__'][0]
     assert conv_out.dtype == jnp.dtype(dtype)
     assert all(d.dtype == jnp.dtype(dtype) for d in decoded)
