@@ -455,10 +455,27 @@ def plain_rd_student() -> tuple[nn.Module, str]:
       'anomalib_resnet_decoder', 'models/components/backbone/resnet_decoder.py'
     )
   except (ImportError, importlib.metadata.PackageNotFoundError) as e:
-    print(f'anomalib not usable ({e}); using this script own RD4AD transcription')
+    print(f'anomalib not usable ({e}); using the own RD4AD transcription of this script')
     return OwnRD(), 'own RD4AD transcription'
   model = AnomalibRD(bottleneck.get_bottleneck_layer('resnet18'), decoder.get_decoder('resnet18'))
   return model, f'anomalib {version}'
+
+
+def cross_check_transcription(anomalib_model: nn.Module) -> float:
+  """This script's BN_layer + de_resnet18 against anomalib's, on the same weights:
+  anchors the transcriptions that the other checks use. Returns the largest difference."""
+  own = OwnRD().double().train()
+  manifest = manifest_of(anomalib_model)
+  state = recipe.random_state_dict(manifest, 0)
+  anomalib_model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+  own.load_state_dict(
+    {k: torch.from_numpy(v) for k, v in state.items() if 'bn4' not in k and 'conv4' not in k}
+  )
+  xs = [nchw(a.astype(np.float64)) for a in recipe.random_inputs('student_rd')]
+  with torch.no_grad():
+    a, _ = anomalib_model.double().train()(xs)
+    b, _ = own(xs)
+  return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
 
 
 def build(name: str) -> tuple[nn.Module, float]:
@@ -652,6 +669,11 @@ def main() -> None:
     if name == 'student_rd':
       model, source = plain_rd_student()
       arrays['student_rd/reference'] = np.array(source)
+      if isinstance(model, AnomalibRD):
+        diff = cross_check_transcription(model)
+        print(f'own RD4AD transcription vs {source}: largest difference {diff:.1e}')
+        assert diff < 1e-12, diff
+        model, _ = plain_rd_student()  # fresh, in float32 until run_check loads it
       entropy_weight = 0.0
     else:
       model, entropy_weight = build(name)
