@@ -82,6 +82,32 @@ def _meta_sha256(meta: dict) -> str:
   return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+_quiet_abandoned_reads = False
+
+
+def _silence_abandoned_reads() -> None:
+  """Drops the tracebacks of reads that Orbax abandons when one read of a step fails.
+
+  Orbax stops waiting for the other arrays and closes its event loop; their reads
+  then complete onto the closed loop and Python prints one 'Event loop is closed'
+  traceback for each, burying the one-line report of the damage. Installed once,
+  after a failed restore; any other unraisable exception reaches the previous hook.
+  """
+  global _quiet_abandoned_reads
+  if _quiet_abandoned_reads:
+    return
+  _quiet_abandoned_reads = True
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if isinstance(e, RuntimeError) and str(e) == 'Event loop is closed':
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
+
+
 def _short(e: BaseException, limit: int = 300) -> str:
   text = ' '.join(str(e).split())
   return f'{type(e).__name__}: {text[:limit]}{"..." if len(text) > limit else ""}'
@@ -263,6 +289,7 @@ class Workdir:
     try:
       state = self.manager.restore(step, args=ocp.args.Composite(state=state_args))['state']
     except Exception as e:  # a damaged file or one of another model: see `restore`
+      _silence_abandoned_reads()
       reason = f'its arrays cannot be restored ({_short(e)})'
       raise CheckpointDamaged(f'{where} is damaged: {reason}', step, reason) from None
     stored = meta.get('checksums') or {}

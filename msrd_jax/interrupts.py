@@ -44,7 +44,7 @@ class Interrupted(KeyboardInterrupt):
     return 128 + self.signum
 
   def __str__(self) -> str:
-    return self.detail or f'{signal_name(self.signum)} received'
+    return self.detail or f'{signal_name(self.signum)} received; no training step was running'
 
 
 def signal_name(signum: int) -> str:

@@ -328,6 +328,8 @@ def train(
             bar.update(1)
             if on_step is not None:
               on_step(step + 1)
+            if interrupts.received() is not None:
+              break  # before waiting for the next batch
         signum = interrupts.received()
         if signum is not None:
           bar.close()
