@@ -27,7 +27,7 @@ import numpy as np
 from absl import app
 from tqdm import tqdm
 
-from msrd_jax import cli, files, inference, metric_writers, metrics, visualize
+from msrd_jax import cli, distributed, files, inference, metric_writers, metrics, visualize
 from msrd_jax import config as config_lib
 from msrd_jax import data as data_lib
 
@@ -62,17 +62,40 @@ class TestScores:
 def score_split(
   run: inference.Run, samples: list, keep_images: set[int] = frozenset()
 ) -> TestScores:
-  """Maps and scores of `samples` (with their masks) under a trained run."""
+  """Maps and scores of `samples` (with their masks) under a trained run.
+
+  With several processes each scores its own contiguous share of `samples`, and every
+  process gets the whole result (the device work is split, not repeated).
+  """
+  if jax.process_count() == 1:
+    return _score_local(run, samples, keep_images)
+  n = len(samples)
+  start, stop = distributed.shard_range(n)
+  mine = _score_local(
+    run, samples[start:stop], {i - start for i in keep_images if start <= i < stop}
+  )
+  # The kept images of each process are a run of the sorted indices, in process order.
+  kept = sorted(keep_images)
+  own = [i for i in kept if start <= i < stop]
+  r = run.resolution
+  local_images = np.zeros((len(own), r, r, 3), np.float32)
+  for row, i in enumerate(own):
+    local_images[row] = mine.images[i - start]
+  images = np.concatenate(distributed.process_shares(local_images, max(len(kept), 1)))
+  return TestScores(
+    samples,
+    distributed.gather_rows(mine.amaps, n),
+    distributed.gather_rows(mine.masks, n),
+    distributed.gather_rows(mine.scores, n),
+    np.array([s.label for s in samples], np.int32),
+    dict(zip(kept, images, strict=True)),
+  )
+
+
+def _score_local(run: inference.Run, samples: list, keep_images: set[int]) -> TestScores:
+  """score_split on this process alone; an empty `samples` gives empty arrays."""
   config = run.config
   size, resolution = config.data.image_size, run.resolution
-  loader = data_lib.EvalLoader(
-    samples,
-    size,
-    config.eval.batch_size,
-    resolution,
-    num_threads=config.data.num_threads,
-    prefetch=config.data.prefetch,
-  )
   n = len(samples)
   out = TestScores(
     samples,
@@ -82,8 +105,24 @@ def score_split(
     np.array([s.label for s in samples], np.int32),
     {},
   )
+  if not n:  # a process whose share of a small test set is empty
+    return out
+  loader = data_lib.EvalLoader(
+    samples,
+    size,
+    config.eval.batch_size,
+    resolution,
+    num_threads=config.data.num_threads,
+    prefetch=config.data.prefetch,
+  )
   row = 0
-  bar = tqdm(total=n, desc=f'evaluate {config.data.category}', unit='image', dynamic_ncols=True)
+  bar = tqdm(
+    total=n,
+    desc=f'evaluate {config.data.category}',
+    unit='image',
+    dynamic_ncols=True,
+    disable=not distributed.is_main_process(),
+  )
   with bar:
     for batch, maps, scores in inference.predictions(run, loader):
       valid = len(scores)
@@ -172,8 +211,10 @@ def evaluate(
 ) -> dict[str, dict[str, float]]:
   """Evaluates the latest checkpoint of `workdir`; returns {category: metrics}.
 
-  teacher_vars: the config's teacher, if the caller has loaded it already.
+  teacher_vars: the config's teacher, if the caller has loaded it already. With
+  train.distributed, every process of the job calls this; process 0 writes the files.
   """
+  distributed.initialize(config)
   run = inference.load_run(config, workdir, teacher_vars)
   reader, root = config_lib.resolve_data(config)
   samples = data_lib.list_samples(reader, root, config.data.category, 'test')
@@ -181,7 +222,8 @@ def evaluate(
   keep = set(picture_indices(labels, config.eval.num_pictures).tolist()) if pictures else set()
   scored = score_split(run, samples, keep)
   results, per_defect = compute_metrics(scored)
-  write_reports(workdir, run, scored, results, per_defect, pictures)
+  if distributed.is_main_process():  # every process has the results; one writes them
+    write_reports(workdir, run, scored, results, per_defect, pictures)
   with metric_writers.MetricWriter(workdir, enabled=jax.process_index() == 0) as writer:
     writer.add_scalars(int(run.meta['data_step']), results, prefix='eval')
   return {config.data.category: results}

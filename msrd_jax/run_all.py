@@ -20,7 +20,7 @@ import os
 import ml_collections
 from absl import app, flags
 
-from msrd_jax import cli, files, visualize
+from msrd_jax import cli, distributed, files, visualize
 from msrd_jax import config as config_lib
 from msrd_jax import data as data_lib
 from msrd_jax import train as train_lib
@@ -83,6 +83,8 @@ def run_all(
 
 
 def _write(workdir: str, results: dict) -> None:
+  if not distributed.is_main_process():  # every process has the results; one writes them
+    return
   files.write_json(os.path.join(workdir, 'results.json'), results)
   files.atomic_write(
     os.path.join(workdir, 'results.md'), visualize.results_table_markdown(results) + '\n'

@@ -26,7 +26,7 @@ import optax
 from absl import app
 from tqdm import tqdm
 
-from msrd_jax import checkpoint, cli, evaluate, losses, metric_writers
+from msrd_jax import checkpoint, cli, distributed, evaluate, losses, metric_writers
 from msrd_jax import config as config_lib
 from msrd_jax import data as data_lib
 from msrd_jax import teacher as teacher_lib
@@ -193,9 +193,8 @@ def train(
     teacher_vars: the config's teacher, if the caller has loaded it already.
   """
   config_lib.validate(config)
-  if config.train.distributed:
-    jax.distributed.initialize()
-  is_main = jax.process_index() == 0
+  distributed.initialize(config)
+  is_main = distributed.is_main_process()
   devices = jax.local_devices()
 
   reader, root = config_lib.resolve_data(config)
@@ -249,7 +248,8 @@ def train(
       )
 
     if start >= num_steps:
-      print(f'{workdir}: already trained ({start} of {num_steps} steps)')
+      if is_main:
+        print(f'{workdir}: already trained ({start} of {num_steps} steps)')
       return state
 
     p_step = jax.pmap(make_train_step(model, tx, config), axis_name=AXIS, donate_argnums=(0,))
@@ -313,7 +313,11 @@ def train(
           if on_step is not None:
             on_step(step + 1)
     except KeyboardInterrupt:
-      _save_interrupted(state, pending, check, lambda: verified, save, wd)
+      # Saving is collective: processes interrupted at different points of a step
+      # would wait for each other forever, so a multi-process run keeps its last
+      # periodic checkpoint.
+      if jax.process_count() == 1:
+        _save_interrupted(state, pending, check, lambda: verified, save, wd)
       raise
     finally:
       bar.close()
@@ -354,6 +358,8 @@ def train_and_evaluate(
   evaluate_after: None follows config.eval.after_training. The teacher is loaded once
   for both.
   """
+  # Before the teacher is loaded: that is the first thing to touch a device.
+  distributed.initialize(config)
   teacher_vars = teacher_lib.from_config(config)
   train(config, workdir, teacher_vars=teacher_vars)
   if not (config.eval.after_training if evaluate_after is None else evaluate_after):
