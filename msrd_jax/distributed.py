@@ -76,7 +76,26 @@ def initialize(config: ml_collections.ConfigDict) -> bool:
       'process 0), --config.train.num_processes and --config.train.process_id on every '
       'host.'
     ) from None
+  _connect_cpu_collectives()
   return True
+
+
+def _connect_cpu_collectives() -> None:
+  """Opens the CPU collectives' connections while the processes are in step.
+
+  On CPU, JAX's cross-process collectives (gloo) connect a group of devices at the
+  group's first collective, and fail if a process arrives at it more than 30 s (fixed)
+  after another, as one still compiling on a busy machine does; later collectives of a
+  connected group wait as long as it takes. Joining the job has just made the
+  processes wait for each other, so the two groups a run uses are connected now: all
+  devices (the training step's means) and one device per process (gathers, Orbax's
+  barriers).
+  """
+  if jax.default_backend() != 'cpu':
+    return
+  ones = np.ones(jax.local_device_count(), np.float32)
+  jax.block_until_ready(jax.pmap(lambda x: jax.lax.psum(x, 'all'), axis_name='all')(ones))
+  multihost_utils.process_allgather(np.int32(jax.process_index()))
 
 
 def is_main_process() -> bool:
