@@ -187,6 +187,11 @@ class Workdir:
         create=create,
         # Half-written steps of a killed run are removed when training restarts.
         cleanup_tmp_directories=create,
+        # With several processes Orbax synchronizes them with device collectives, some
+        # from its background threads; run there, they can interleave with the
+        # training step's collectives in a different order on each process and
+        # deadlock. Saving in the foreground keeps every collective in program order.
+        enable_async_checkpointing=jax.process_count() == 1,
       ),
       item_names=('state', 'meta'),
     )

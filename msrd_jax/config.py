@@ -91,8 +91,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every_steps = 500
   c.train.keep_checkpoints = 2
   c.train.log_every_steps = 10
-  # Call jax.distributed.initialize() first (multi-host training).
+  # Multi-process (multi-host) training: every process runs the same command, and
+  # jax.distributed.initialize() joins them first (see msrd_jax.distributed). On SLURM,
+  # Open MPI, Kubernetes and Cloud TPU the job is found in the environment; elsewhere the
+  # three fields below say it ('host:port' of process 0, the process count, this one's id).
   c.train.distributed = False
+  c.train.coordinator_address = ml_collections.FieldReference(None, field_type=str)
+  c.train.num_processes = ml_collections.FieldReference(None, field_type=int)
+  c.train.process_id = ml_collections.FieldReference(None, field_type=int)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 16
@@ -173,6 +179,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   problems += _one_of('train.steps_per_epoch', t.steps_per_epoch, STEPS_PER_EPOCH)
   if t.checkpoint_every_steps < 1:
     problems.append('train.checkpoint_every_steps must be >= 1')
+  problems += _distributed_problems(t)
   problems += _one_of('eval.map_mode', e.map_mode, MAP_MODES)
   problems += _one_of('eval.mask_resize', e.mask_resize, MASK_RESIZES)
   if e.batch_size < 1:
@@ -194,6 +201,21 @@ def _calibration_problems(config: ml_collections.ConfigDict) -> list[str]:
   for name in ('false_alarm_rate', 'pixel_false_alarm_rate'):
     if not 0 < c[name] < 1:
       problems.append(f'calibration.{name} must be in (0, 1), got {c[name]}')
+
+
+def _distributed_problems(t: ml_collections.ConfigDict) -> list[str]:
+  given = [
+    k for k in ('coordinator_address', 'num_processes', 'process_id') if t.get(k) is not None
+  ]
+  if given and not t.distributed:
+    # Silently training alone while the other hosts wait for this one would be worse.
+    return [f'train.{", train.".join(given)} set but train.distributed is False']
+  n, i = t.get('num_processes'), t.get('process_id')
+  problems = []
+  if n is not None and n < 1:
+    problems.append(f'train.num_processes must be >= 1, got {n}')
+  if i is not None and (i < 0 or (n is not None and i >= n)):
+    problems.append(f'train.process_id must be in [0, train.num_processes), got {i}')
   return problems
 
 

@@ -33,7 +33,16 @@ import numpy as np
 from absl import app, logging
 from tqdm import tqdm
 
-from msrd_jax import calibrate, cli, files, inference, metric_writers, metrics, visualize
+from msrd_jax import (
+  calibrate,
+  cli,
+  distributed,
+  files,
+  inference,
+  metric_writers,
+  metrics,
+  visualize,
+)
 from msrd_jax import config as config_lib
 from msrd_jax import data as data_lib
 
@@ -68,18 +77,40 @@ class TestScores:
 def score_split(
   run: inference.Run, samples: list, keep_images: set[int] = frozenset()
 ) -> TestScores:
-  """Maps and scores of `samples` (with their masks) under a trained run."""
+  """Maps and scores of `samples` (with their masks) under a trained run.
+
+  With several processes each scores its own contiguous share of `samples`, and every
+  process gets the whole result (the device work is split, not repeated).
+  """
+  if jax.process_count() == 1:
+    return _score_local(run, samples, keep_images)
+  n = len(samples)
+  start, stop = distributed.shard_range(n)
+  mine = _score_local(
+    run, samples[start:stop], {i - start for i in keep_images if start <= i < stop}
+  )
+  # The kept images of each process are a run of the sorted indices, in process order.
+  kept = sorted(keep_images)
+  own = [i for i in kept if start <= i < stop]
+  r = run.resolution
+  local_images = np.zeros((len(own), r, r, 3), np.float32)
+  for row, i in enumerate(own):
+    local_images[row] = mine.images[i - start]
+  images = np.concatenate(distributed.process_shares(local_images, max(len(kept), 1)))
+  return TestScores(
+    samples,
+    distributed.gather_rows(mine.amaps, n),
+    distributed.gather_rows(mine.masks, n),
+    distributed.gather_rows(mine.scores, n),
+    np.array([s.label for s in samples], np.int32),
+    dict(zip(kept, images, strict=True)),
+  )
+
+
+def _score_local(run: inference.Run, samples: list, keep_images: set[int]) -> TestScores:
+  """score_split on this process alone; an empty `samples` gives empty arrays."""
   config = run.config
   size, resolution = config.data.image_size, run.resolution
-  loader = data_lib.EvalLoader(
-    samples,
-    size,
-    config.eval.batch_size,
-    resolution,
-    num_threads=config.data.num_threads,
-    prefetch=config.data.prefetch,
-    mask_resize=config.eval.mask_resize,
-  )
   n = len(samples)
   out = TestScores(
     samples,
@@ -89,8 +120,25 @@ def score_split(
     np.array([s.label for s in samples], np.int32),
     {},
   )
+  if not n:  # a process whose share of a small test set is empty
+    return out
+  loader = data_lib.EvalLoader(
+    samples,
+    size,
+    config.eval.batch_size,
+    resolution,
+    num_threads=config.data.num_threads,
+    prefetch=config.data.prefetch,
+    mask_resize=config.eval.mask_resize,
+  )
   row = 0
-  bar = tqdm(total=n, desc=f'evaluate {config.data.category}', unit='image', dynamic_ncols=True)
+  bar = tqdm(
+    total=n,
+    desc=f'evaluate {config.data.category}',
+    unit='image',
+    dynamic_ncols=True,
+    disable=not distributed.is_main_process(),
+  )
   with bar:
     for batch, maps, scores in inference.predictions(run, loader):
       valid = len(scores)
@@ -213,8 +261,10 @@ def evaluate(
 ) -> dict[str, dict[str, float]]:
   """Evaluates the latest checkpoint of `workdir`; returns {category: metrics}.
 
-  teacher_vars: the config's teacher, if the caller has loaded it already.
+  teacher_vars: the config's teacher, if the caller has loaded it already. With
+  train.distributed, every process of the job calls this; process 0 writes the files.
   """
+  distributed.initialize(config)
   run = inference.load_run(config, workdir, teacher_vars)
   reader, root = config_lib.resolve_data(config)
   samples = data_lib.list_samples(reader, root, config.data.category, 'test')
@@ -225,7 +275,8 @@ def evaluate(
   threshold = threshold_results(workdir, run, scored)
   if threshold is not None:
     results.update({k: threshold[k] for k in THRESHOLD_METRICS})
-  write_reports(workdir, run, scored, results, per_defect, pictures, threshold)
+  if distributed.is_main_process():  # every process has the results; one writes them
+    write_reports(workdir, run, scored, results, per_defect, pictures, threshold)
   with metric_writers.MetricWriter(workdir, enabled=jax.process_index() == 0) as writer:
     writer.add_scalars(int(run.meta['data_step']), results, prefix='eval')
   return {config.data.category: results}

@@ -27,7 +27,7 @@ import traceback
 import ml_collections
 from absl import app, flags
 
-from msrd_jax import cli, files, visualize
+from msrd_jax import cli, distributed, files, visualize
 from msrd_jax import config as config_lib
 from msrd_jax import data as data_lib
 from msrd_jax import train as train_lib
@@ -137,6 +137,8 @@ def _run_category(config: ml_collections.ConfigDict, workdir: str, results: dict
 
 
 def _write(workdir: str, results: dict) -> None:
+  if not distributed.is_main_process():  # every process has the results; one writes them
+    return
   files.write_json(os.path.join(workdir, 'results.json'), results)
   files.atomic_write(
     os.path.join(workdir, 'results.md'), visualize.results_table_markdown(results) + '\n'

@@ -29,7 +29,16 @@ import optax
 from absl import app
 from tqdm import tqdm
 
-from msrd_jax import calibrate, checkpoint, cli, evaluate, interrupts, losses, metric_writers
+from msrd_jax import (
+  calibrate,
+  checkpoint,
+  cli,
+  distributed,
+  evaluate,
+  interrupts,
+  losses,
+  metric_writers,
+)
 from msrd_jax import config as config_lib
 from msrd_jax import data as data_lib
 from msrd_jax import teacher as teacher_lib
@@ -205,9 +214,8 @@ def train(
     teacher_vars: the config's teacher, if the caller has loaded it already.
   """
   config_lib.validate(config)
-  if config.train.distributed:
-    jax.distributed.initialize()
-  is_main = jax.process_index() == 0
+  distributed.initialize(config)
+  is_main = distributed.is_main_process()
   devices = jax.local_devices()
 
   reader, root = config_lib.resolve_data(config)
@@ -264,7 +272,8 @@ def train(
       )
 
     if start >= num_steps:
-      print(f'{workdir}: already trained ({start} of {num_steps} steps)')
+      if is_main:
+        print(f'{workdir}: already trained ({start} of {num_steps} steps)')
       return state
 
     p_step = jax.pmap(make_train_step(model, tx, config), axis_name=AXIS, donate_argnums=(0,))
@@ -333,7 +342,13 @@ def train(
         signum = interrupts.received()
         if signum is not None:
           bar.close()
-          detail = _save_reached(state, reached, pending, check, report, save, wd)
+          if jax.process_count() == 1:
+            detail = _save_reached(state, reached, pending, check, report, save, wd)
+          else:
+            # Saving is collective: processes interrupted at different points of a step
+            # would wait for each other forever, so a multi-process run keeps its last
+            # periodic checkpoint.
+            detail = f'multi-process run: the last checkpoint (step {wd.latest_step()}) is kept'
           raise interrupts.Interrupted(signum, detail)
     finally:
       # Never leave while a step still runs on XLA's threads: exiting the process
@@ -393,6 +408,8 @@ def train_and_evaluate(
   an unreadable file is reported before the hours of training, not after them.
   """
   config_lib.validate(config)
+  # Before the teacher is loaded: that is the first thing to touch a device.
+  distributed.initialize(config)
   evaluating = config.eval.after_training if evaluate_after is None else evaluate_after
   if evaluating:
     check_split(config, 'test')
