@@ -201,6 +201,7 @@ def _calibration_problems(config: ml_collections.ConfigDict) -> list[str]:
   for name in ('false_alarm_rate', 'pixel_false_alarm_rate'):
     if not 0 < c[name] < 1:
       problems.append(f'calibration.{name} must be in (0, 1), got {c[name]}')
+  return problems
 
 
 def _distributed_problems(t: ml_collections.ConfigDict) -> list[str]:
