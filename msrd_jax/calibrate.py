@@ -199,13 +199,7 @@ def calibrate(
   if not samples:
     raise CalibrationError(f'no images to calibrate on ({source})')
   r = run.resolution
-  loader = data_lib.EvalLoader(
-    samples,
-    config.data.image_size,
-    config.eval.batch_size,
-    num_threads=config.data.num_threads,
-    prefetch=config.data.prefetch,
-  )
+  loader = inference.eval_loader(config, samples)
   total_pixels = len(samples) * r * r
   pixel_rates = (*PIXEL_SUMMARY_RATES, c.pixel_false_alarm_rate)
   tail = _Tail(_tail_size(total_pixels, pixel_rates))

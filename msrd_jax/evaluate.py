@@ -122,14 +122,8 @@ def _score_local(run: inference.Run, samples: list, keep_images: set[int]) -> Te
   )
   if not n:  # a process whose share of a small test set is empty
     return out
-  loader = data_lib.EvalLoader(
-    samples,
-    size,
-    config.eval.batch_size,
-    resolution,
-    num_threads=config.data.num_threads,
-    prefetch=config.data.prefetch,
-    mask_resize=config.eval.mask_resize,
+  loader = inference.eval_loader(
+    config, samples, resolution=resolution, mask_resize=config.eval.mask_resize
   )
   row = 0
   bar = tqdm(

@@ -20,6 +20,7 @@ import numpy as np
 from msrd_jax import anomaly_map as anomaly_map_lib
 from msrd_jax import checkpoint
 from msrd_jax import config as config_lib
+from msrd_jax import data as data_lib
 from msrd_jax import teacher as teacher_lib
 from msrd_jax.model import MSRD
 
@@ -38,6 +39,21 @@ class Run:
   def resolution(self) -> int:
     """Side of the maps: eval.resolution, else the input size."""
     return self.config.eval.resolution or self.config.data.image_size
+
+
+def eval_loader(config: ml_collections.ConfigDict, samples: list, **options) -> data_lib.EvalLoader:
+  """The padded, prefetching loader of `samples` at the config's input size and batch.
+
+  options: EvalLoader's other arguments (resolution, on_error, mask_resize).
+  """
+  return data_lib.EvalLoader(
+    samples,
+    config.data.image_size,
+    config.eval.batch_size,
+    num_threads=config.data.num_threads,
+    prefetch=config.data.prefetch,
+    **options,
+  )
 
 
 def make_predict_fn(model: MSRD, config: ml_collections.ConfigDict) -> Callable:

@@ -160,14 +160,7 @@ def predict(
   stems = output_stems(found)
   rel = {p: (os.path.relpath(p, found.root) if found.root else os.path.basename(p)) for p in stems}
   samples = [data_lib.Sample(p, None, 0, 'unknown', p) for p in found.images]
-  loader = data_lib.EvalLoader(
-    samples,
-    config.data.image_size,
-    config.eval.batch_size,
-    num_threads=config.data.num_threads,
-    prefetch=config.data.prefetch,
-    on_error='record',
-  )
+  loader = inference.eval_loader(config, samples, on_error='record')
   threshold, pixel_threshold = record['image_threshold'], record['pixel_threshold']
   os.makedirs(output, exist_ok=True)
   table_path = os.path.join(output, 'predictions.csv')

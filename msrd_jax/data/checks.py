@@ -34,15 +34,7 @@ def image_size(path: str) -> tuple[int, int]:
     DataError: naming the file, when it is missing, empty, cut short, damaged or of a
       format the decoder refuses (16-bit colour PNG).
   """
-  try:
-    with open(path, 'rb') as f:
-      head = f.read(32)
-  except FileNotFoundError:
-    raise DataError(f'image file {path} does not exist') from None
-  except OSError as e:
-    raise DataError(f'cannot read image file {path}: {e}') from e
-  if not head:
-    raise DataError(f'image file {path} is empty')
+  head = images.read_head(path)
   try:
     if head[:4] in images._TIFF_MAGICS:
       with tifffile.TiffFile(path) as tif:

@@ -137,8 +137,9 @@ def _decode_tiff(path: str) -> _Decoded:
   return _Decoded(arr, full_scale, 'JPEG' in compression.upper())
 
 
-def _decode(path: str | os.PathLike) -> tuple[str, _Decoded]:
-  path = os.fspath(path)
+def read_head(path: str) -> bytes:
+  """The first 32 bytes of an image file (its format's magic); DataError naming the file
+  when it is missing, unreadable or empty."""
   try:
     with open(path, 'rb') as f:
       head = f.read(32)
@@ -148,6 +149,12 @@ def _decode(path: str | os.PathLike) -> tuple[str, _Decoded]:
     raise DataError(f'cannot read image file {path}: {e}') from e
   if not head:
     raise DataError(f'image file {path} is empty')
+  return head
+
+
+def _decode(path: str | os.PathLike) -> tuple[str, _Decoded]:
+  path = os.fspath(path)
+  head = read_head(path)
   if head[:4] in _TIFF_MAGICS:
     return path, _decode_tiff(path)
   return path, _decode_pil(path, head)
