@@ -38,7 +38,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CATEGORY = 'widget'
-STEPS = 30
+STEPS = 35  # a multiple of EVERY: the last two checkpoints are STEPS - EVERY and STEPS
 EVERY = 5
 BATCH = 4
 SIZE = 96
@@ -316,8 +316,8 @@ def test_signals_kills_and_damage_lose_nothing_and_the_run_ends_bit_identical(
     step_seconds = _wait_for_step(cmd, start + 2)
     if killing:
       _wait_for_checkpoint_write(cmd, workdir)
-    else:  # anywhere within the next two steps: inside a step, its check, a save
-      time.sleep(float(rng.uniform(0.0, 2.0)) * step_seconds)
+    else:  # anywhere within the next step: inside it, its check, a save
+      time.sleep(float(rng.uniform(0.0, 1.0)) * min(step_seconds, 1.0))
     signum = getattr(signal, fault.split()[0])
     cmd.proc.send_signal(signum)
     cmd.wait()
