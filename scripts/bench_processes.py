@@ -1,6 +1,6 @@
 """Times the training step under several process layouts on one machine (CPU devices).
 
-  python scripts/bench_processes.py --layouts 1x4,2x2 --image-size 96 --batch 8 --steps 8
+  python scripts/bench_processes.py --layouts 1x4,2x2 --image-size 96 --batch 8 --windows 3
 
 Each layout PxD starts P processes on localhost with D simulated CPU devices each
 (XLA_FLAGS=--xla_force_host_platform_device_count=D), joined by jax.distributed (gloo
@@ -13,9 +13,11 @@ devices. Two data-parallel mechanisms are timed:
     state replicated (BatchNorm statistics and gradients then span the global batch
     without an axis name).
 
-Reported per layout and mechanism: the median of the step times after two warm-up steps
-(each step waits for its result), the fastest step, and the first two steps (compilation
-included). On a machine with fewer cores than devices the figures measure contention as
+Reported per mechanism and layout (the layouts of a mechanism run back to back): after
+two warm-up steps, `--windows` windows of `--window-steps` steps are timed (each step
+waits for its result); the figure is the median of the windows' mean step times, with
+each window's mean and the first two steps (compilation included). On a machine with
+fewer cores than devices, or shared with other work, the figures measure contention as
 much as parallelism.
 """
 
@@ -27,7 +29,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 WORKER = r"""
 import json, sys, time
@@ -36,8 +37,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from msrd_jax import config as config_lib, distributed, model as model_lib, teacher, train
 
-mode, size, batch, steps, address, count, pid = sys.argv[1:]
-size, batch, steps, count, pid = int(size), int(batch), int(steps), int(count), int(pid)
+mode, size, batch, windows, per_window, address, count, pid = sys.argv[1:]
+size, batch, count, pid = int(size), int(batch), int(count), int(pid)
+windows, per_window = int(windows), int(per_window)
 c = config_lib.base_config()
 c.model.backbone = 'resnet18'
 c.data.image_size = size
@@ -73,15 +75,16 @@ for i in range(2):
   state, metrics = run(state, i)
 jax.block_until_ready(metrics)
 first = time.perf_counter() - t
-times = []
-for i in range(steps):
+means = []
+for w in range(windows):
   t = time.perf_counter()
-  state, metrics = run(state, i)
-  jax.block_until_ready(metrics)
-  times.append(time.perf_counter() - t)
+  for i in range(per_window):
+    state, metrics = run(state, i)
+    jax.block_until_ready(metrics)
+  means.append((time.perf_counter() - t) / per_window)
 if jax.process_index() == 0:
-  print('RESULT ' + json.dumps({'first_two_s': first, 'median_s': float(np.median(times)),
-                                'min_s': min(times), 'steps_s': times}), flush=True)
+  print('RESULT ' + json.dumps({'first_two_s': first, 'median_s': float(np.median(means)),
+                                'windows_s': means}), flush=True)
 """
 
 
@@ -110,7 +113,8 @@ def run_layout(processes: int, devices: int, mode: str, args) -> dict:
         mode,
         str(args.image_size),
         str(args.batch),
-        str(args.steps),
+        str(args.windows),
+        str(args.window_steps),
         f'127.0.0.1:{port}',
         str(processes),
         str(i),
@@ -141,20 +145,20 @@ def main() -> None:
   parser.add_argument('--modes', default='pmap,jit')
   parser.add_argument('--image-size', type=int, default=96)
   parser.add_argument('--batch', type=int, default=8, help='global batch')
-  parser.add_argument('--steps', type=int, default=8, help='timed steps after 2 warm-up steps')
+  parser.add_argument('--windows', type=int, default=3, help='timed windows after 2 warm-up steps')
+  parser.add_argument('--window-steps', type=int, default=3, help='steps per window')
   parser.add_argument('--timeout', type=float, default=1800)
   args = parser.parse_args()
   print(f'resnet18, {args.image_size} px, global batch {args.batch}, {os.cpu_count()} CPU cores')
-  print('layout  mode  median step (s)  fastest (s)  first 2 steps (s)')
-  for layout in args.layouts.split(','):
-    processes, devices = (int(x) for x in layout.split('x'))
-    for mode in args.modes.split(','):
-      start = time.perf_counter()
+  print('mode  layout  step (s, median of windows)  windows (s)  first 2 steps (s)  load')
+  for mode in args.modes.split(','):
+    for layout in args.layouts.split(','):
+      processes, devices = (int(x) for x in layout.split('x'))
       r = run_layout(processes, devices, mode, args)
+      windows = ', '.join(f'{t:.2f}' for t in r['windows_s'])
       print(
-        f'{layout:6}  {mode:4}  {r["median_s"]:15.3f}  {r["min_s"]:11.3f}  '
-        f'{r["first_two_s"]:17.1f}   ({time.perf_counter() - start:.0f} s wall; steps '
-        f'{", ".join(f"{t:.2f}" for t in r["steps_s"])})',
+        f'{mode:4}  {layout:6}  {r["median_s"]:28.3f}  {windows}  {r["first_two_s"]:17.1f}  '
+        f'{os.getloadavg()[0]:.1f}',
         flush=True,
       )
 
