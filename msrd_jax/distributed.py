@@ -22,8 +22,10 @@ from __future__ import annotations
 import jax
 import ml_collections
 import numpy as np
+from absl import flags as absl_flags
 from jax._src import xla_bridge  # backends_are_initialized() has no public name
 from jax.experimental import multihost_utils
+from orbax.checkpoint._src.multihost import multihost as _orbax_multihost  # noqa: F401 (its flag)
 
 from msrd_jax.errors import UserError
 
@@ -76,8 +78,21 @@ def initialize(config: ml_collections.ConfigDict) -> bool:
       'process 0), --config.train.num_processes and --config.train.process_id on every '
       'host.'
     ) from None
+  _use_coordination_barriers()
   _connect_cpu_collectives()
   return True
+
+
+def _use_coordination_barriers() -> None:
+  """Makes Orbax's barriers wait on the coordination service instead of on devices.
+
+  By default Orbax synchronizes processes with a collective computation on the
+  devices; one process entering it while another still runs its own device work can
+  stall both for good on XLA:CPU. The coordination service's barriers involve no
+  device and time out with an error instead. (An absl flag of Orbax's; it is read
+  only where the command line has been parsed, as the project's commands do.)
+  """
+  absl_flags.FLAGS.set_default('experimental_orbax_use_distributed_barrier', True)
 
 
 def _connect_cpu_collectives() -> None:

@@ -11,11 +11,28 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping
 
-import tensorboardX
-
 from msrd_jax import files
+
+
+def _summary_writer_class():
+  """tensorboardX.SummaryWriter, imported on first use and without PyTorch.
+
+  tensorboardX imports torch when it is installed (only to accept its tensors, which
+  this project never passes), which costs seconds per process on a machine that has
+  PyTorch beside JAX. Unless torch is already loaded, it is hidden for that import.
+  """
+  if 'tensorboardX' in sys.modules or 'torch' in sys.modules:
+    import tensorboardX
+  else:
+    sys.modules['torch'] = None  # makes `import torch` raise ImportError
+    try:
+      import tensorboardX
+    finally:
+      del sys.modules['torch']
+  return tensorboardX.SummaryWriter
 
 
 class MetricWriter:
@@ -36,7 +53,7 @@ class MetricWriter:
       return
     if resume_step is not None and os.path.isfile(self.path):
       _truncate_after(self.path, resume_step)
-    self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'), flush_secs=30)
+    self._tb = _summary_writer_class()(os.path.join(workdir, 'tensorboard'), flush_secs=30)
 
   def write(self, step: int, scalars: Mapping[str, float], prefix: str = 'train') -> None:
     """One record: a metrics.jsonl line and a TensorBoard scalar per value."""

@@ -21,9 +21,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope='session', autouse=True)
 def compilation_cache(tmp_path_factory):
   # Several tests compile the same training step; the persistent cache compiles it once.
-  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('xla')))
+  # The environment carries it to the commands the tests start, which compile the same
+  # programs again otherwise (the cache key holds the flags and the device count).
+  cache = str(tmp_path_factory.mktemp('xla'))
+  jax.config.update('jax_compilation_cache_dir', cache)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  saved = {k: os.environ.get(k) for k in _CACHE_ENV}
+  os.environ.update({_CACHE_ENV[0]: cache, _CACHE_ENV[1]: '0'})
   yield
+  for k, v in saved.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+
+
+_CACHE_ENV = ('JAX_COMPILATION_CACHE_DIR', 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS')
 
 
 @pytest.fixture(scope='session')
