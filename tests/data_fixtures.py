@@ -20,9 +20,11 @@ def write_image(path, array: np.ndarray, **save_kwargs) -> str:
 
 
 def write_png_16bit_rgb(path, array: np.ndarray) -> str:
-  """Writes an (H, W, 3) uint16 array as a 16-bit RGB PNG (PIL cannot)."""
+  """Writes an (H, W, C) uint16 array as a 16-bit PNG, written here from the PNG
+  specification (PIL cannot): C = 2 gray+alpha, 3 RGB, 4 RGBA."""
   path = os.fspath(path)
-  h, w, _ = array.shape
+  h, w, c = array.shape
+  colour_type = {2: 4, 3: 2, 4: 6}[c]
   raw = b''.join(b'\x00' + array[y].astype('>u2').tobytes() for y in range(h))
 
   def chunk(kind, data):
@@ -35,7 +37,7 @@ def write_png_16bit_rgb(path, array: np.ndarray) -> str:
 
   png = (
     b'\x89PNG\r\n\x1a\n'
-    + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 16, 2, 0, 0, 0))
+    + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 16, colour_type, 0, 0, 0))
     + chunk(b'IDAT', zlib.compress(raw))
     + chunk(b'IEND', b'')
   )

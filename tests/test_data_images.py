@@ -8,7 +8,7 @@ import tifffile
 from data_fixtures import write_image, write_png_16bit_rgb
 from PIL import Image
 
-from msrd_jax.data import DataError, load_image, load_mask, resize_image, resize_mask
+from msrd_jax.data import DataError, checks, load_image, load_mask, resize_image, resize_mask
 
 
 def _rng_u8(shape, seed=0):
@@ -109,10 +109,15 @@ def test_planar_and_8bit_and_float_tiff(tmp_path):
     load_image(tmp_path / 'bad_f.tif')
 
 
-def test_16bit_colour_png_refused(tmp_path):
-  path = write_png_16bit_rgb(tmp_path / 'rgb16.png', np.full((3, 4, 3), 40000, np.uint16))
-  with pytest.raises(DataError, match='rgb16.png is a 16-bit RGB PNG'):
-    load_image(path)
+@pytest.mark.parametrize('channels', [3, 4, 2])
+def test_16bit_colour_png_exact(tmp_path, channels):
+  """Every bit kept (PIL would truncate to 8); alpha dropped, gray repeated."""
+  a = np.random.default_rng(channels).integers(0, 65536, (5, 7, channels)).astype(np.uint16)
+  a[0, 0, 0], a[0, 1, 0] = 1, 65535  # below 8-bit precision, full scale
+  img = load_image(write_png_16bit_rgb(tmp_path / 'c16.png', a))
+  colour = a[..., :3] if channels >= 3 else np.repeat(a[..., :1], 3, axis=-1)
+  np.testing.assert_array_equal(img, colour.astype(np.float32) / np.float32(65535))
+  assert checks.image_size(str(tmp_path / 'c16.png')) == (7, 5)
 
 
 def test_jpeg(tmp_path):

@@ -31,8 +31,7 @@ def image_size(path: str) -> tuple[int, int]:
   """(width, height) of an image file from its header; PNGs also have their CRCs checked.
 
   Raises:
-    DataError: naming the file, when it is missing, empty, cut short, damaged or of a
-      format the decoder refuses (16-bit colour PNG).
+    DataError: naming the file, when it is missing, empty, cut short or damaged.
   """
   head = images.read_head(path)
   try:
@@ -40,13 +39,6 @@ def image_size(path: str) -> tuple[int, int]:
       with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
         return int(page.imagewidth), int(page.imagelength)
-    if (
-      head.startswith(images._PNG_SIGNATURE)
-      and len(head) >= 26
-      and head[24] == 16
-      and head[25] in images._PNG_COLOUR_TYPES
-    ):
-      images.load_image(path)  # raises load_image's own explanation
     with Image.open(path) as im:
       size = im.size
       if im.format == 'PNG':

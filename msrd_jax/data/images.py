@@ -10,11 +10,10 @@ BMP, TIFF), mode (grayscale, RGB, RGBA, palette, ...) and bit depth (8 or 16):
   background colour the camera never saw. The colour channels are used as
   stored.
 * 8-bit samples are divided by 255 and 16-bit samples by 65535 (so 16-bit
-  precision survives into float32). 16-bit PNGs go through PIL (modes 'I;16' /
-  'I'), TIFFs through tifffile. Float TIFFs must already be in [0, 1].
-* 16-bit COLOUR PNGs are refused: PIL can only decode them by truncating to 8
-  bits, and silently losing precision is worse than asking for a 16-bit TIFF
-  or an 8-bit PNG.
+  precision survives into float32). 16-bit grayscale PNGs go through PIL (modes
+  'I;16' / 'I'); 16-bit COLOUR PNGs (RGB, RGBA, gray+alpha) through imagecodecs'
+  libpng decoder, since PIL can only decode them by truncating to 8 bits; TIFFs
+  through tifffile. Float TIFFs must already be in [0, 1].
 * EXIF orientation is not applied (as in RD4AD's PIL loader); masks carry no
   EXIF, so applying it to images alone could misalign them with their masks.
 
@@ -36,6 +35,7 @@ import os
 import sys
 import threading
 
+import imagecodecs
 import numpy as np
 import tifffile
 from PIL import Image
@@ -63,18 +63,30 @@ class _Decoded:
   lossy: bool
 
 
-def _decode_pil(path: str, head: bytes) -> _Decoded:
-  if (
+def _is_16bit_colour_png(head: bytes) -> bool:
+  return (
     head.startswith(_PNG_SIGNATURE)
     and len(head) >= 26
     and head[24] == 16
     and head[25] in _PNG_COLOUR_TYPES
-  ):
-    raise DataError(
-      f'{path} is a 16-bit {_PNG_COLOUR_TYPES[head[25]]} PNG, which PIL can '
-      'only decode by truncating it to 8 bits; save it as a 16-bit TIFF '
-      '(read exactly) or as an 8-bit PNG.'
-    )
+  )
+
+
+def _decode_png16(path: str) -> _Decoded:
+  """A 16-bit colour PNG, every bit kept (libpng, through imagecodecs)."""
+  try:
+    with open(path, 'rb') as f:
+      arr = imagecodecs.png_decode(f.read())
+  except Exception as e:  # imagecodecs raises its own error types for corrupt files
+    raise DataError(f'cannot decode image file {path}: {type(e).__name__}: {e}') from e
+  if arr.dtype != np.uint16:
+    raise DataError(f'{path}: a 16-bit PNG decoded to {arr.dtype} samples')
+  return _Decoded(arr, 65535.0, False)
+
+
+def _decode_pil(path: str, head: bytes) -> _Decoded:
+  if _is_16bit_colour_png(head):
+    return _decode_png16(path)
   try:
     with Image.open(path) as im:
       im.load()  # decode now, so that truncation raises here
