@@ -88,7 +88,6 @@ def test_a_holdout_leaves_training_and_joins_the_identity(synthetic_root, monkey
   assert len(seen) == 60 and not set(s.name for s in seen) & set(s.name for s in held)
 
 
-@pytest.mark.slow
 def test_calibration_is_stored_with_the_run(calibrated_run):
   config, workdir, good, record = calibrated_run
   with open(os.path.join(workdir, calibrate.FILE)) as f:
@@ -110,7 +109,6 @@ def test_calibration_is_stored_with_the_run(calibrated_run):
     calibrate.load(workdir, other)
 
 
-@pytest.mark.slow
 def test_recalibrate_then_evaluate_at_the_stored_threshold(calibrated_run, tmp_path):
   config, workdir, _, _ = calibrated_run
   test_good = os.path.join(config.data.root, config.data.category, 'test', 'good')

@@ -30,7 +30,6 @@ def _check_png(path: str) -> None:
     assert im.format == 'PNG' and min(im.size) >= 100
 
 
-@pytest.mark.slow
 def test_demo_command_trains_then_writes_results_and_pictures(synthetic_root, tmp_path):
   # The README's main job, at test scale: the synthetic config, two overrides shorter.
   out = _cli(

@@ -34,8 +34,6 @@ from msrd_jax import teacher as teacher_lib
 from msrd_jax import train as train_lib
 from msrd_jax.data import folder, pipeline
 
-pytestmark = pytest.mark.slow
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CATEGORY = 'widget'
 STEPS = 35  # a multiple of EVERY: the last two checkpoints are STEPS - EVERY and STEPS
@@ -297,6 +295,7 @@ def _flip_array_bytes(step_dir: str, seed: int) -> None:
 SCHEDULE = ('SIGINT', 'SIGKILL during a write', 'SIGTERM', 'SIGINT', 'SIGTERM')
 
 
+@pytest.mark.slow
 def test_signals_kills_and_damage_lose_nothing_and_the_run_ends_bit_identical(
   data_root, reference, tmp_path
 ):
@@ -409,6 +408,7 @@ DAMAGES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('damage', sorted(DAMAGES))
 def test_each_damage_is_found_and_the_intact_step_kept(
   reference, state_template, tmp_path, damage, capsys
@@ -432,6 +432,7 @@ def test_each_damage_is_found_and_the_intact_step_kept(
   assert reason in warning, warning
 
 
+@pytest.mark.slow
 def test_no_intact_step_is_refused_naming_each(reference, state_template, tmp_path):
   workdir = str(tmp_path / 'run')
   shutil.copytree(reference, workdir)
@@ -471,12 +472,66 @@ def test_bad_data_found_during_training_exits_2_without_a_crash(tmp_path):
   assert '_mask.png is not binary' in warning and 'binarized at > 127' in warning, warning
 
 
-def test_bad_inputs_are_refused_in_one_line_before_anything_runs(data_root, reference, tmp_path):
-  """Each refused with one line and status 2, before anything is trained.
+def _refused_in_one_line(cmd: Command, needle: str) -> None:
+  """Exit 2, one `error:` line holding `needle`, nothing else but the random-teacher warning."""
+  cmd.wait().assert_clean(2)
+  teacher_warning = ('RANDOM weights', 'init_teacher(')
+  lines = [x for x in cmd.stderr.splitlines() if not any(w in x for w in teacher_warning)]
+  assert lines == cmd.lines('error:'), cmd.stderr
+  assert needle in cmd.stderr, (needle, cmd.stderr)
 
-  (Files cut short or with flipped bytes, masks of the wrong size and misspelt fields
-  are covered in-process by test_robustness.py.)
-  """
+
+def test_bad_inputs_are_refused_in_one_line_before_anything_runs(tmp_path):
+  """Each refused with one line naming the file or field and status 2, before anything
+  is trained. (Files cut short or with flipped bytes, grey masks and misspelt fields are
+  also covered in-process by test_robustness.py.)"""
+  bad_data = {}
+
+  def category(name: str) -> tuple[str, str]:
+    root = str(tmp_path / name)
+    return root, make_category(root)
+
+  root, base = category('no_mask')
+  os.remove(os.path.join(base, 'ground_truth', 'crack', '001_mask.png'))
+  bad_data['missing mask'] = (root, 'crack/001_mask.png')
+  root, base = category('broken_image')
+  break_png_data(os.path.join(base, 'train', 'good', '003.png'))
+  bad_data['broken image'] = (root, 'good/003.png')
+  root, base = category('wrong_size_mask')
+  write_image(
+    os.path.join(base, 'ground_truth', 'crack', '000_mask.png'), np.zeros((8, 8), np.uint8)
+  )
+  bad_data['wrong-size mask'] = (root, 'crack/000_mask.png')
+  root, base = category('empty_train')
+  for name in os.listdir(os.path.join(base, 'train', 'good')):
+    os.remove(os.path.join(base, 'train', 'good', name))
+  bad_data['empty train/good'] = (root, f'{CATEGORY}/train/good holds no images')
+  bad = {
+    name: (needle, _args(root, tmp_path / f'run_{i}', evaluate=True))
+    for i, (name, (root, needle)) in enumerate(bad_data.items())
+  }
+  root = tmp_path / 'no_mask'
+  bad['unknown field'] = (
+    "--config.model.nonexistnt: the config has no field 'model.nonexistnt'",
+    _args(root, tmp_path / 'b', **{'model.nonexistnt': '1'}),
+  )
+  bad['missing config file'] = (
+    "cannot load the config file 'configs/nonexistent.py'",
+    ['--config=configs/nonexistent.py', f'--workdir={tmp_path / "c"}'],
+  )
+  # Started together: each spends its time importing, single-threaded.
+  cmds = {
+    k: Command(tmp_path / k.replace(' ', '_').replace('/', '_'), 'msrd_jax.train', *a)
+    for k, (_, a) in bad.items()
+  }
+  for name, cmd in cmds.items():
+    _refused_in_one_line(cmd, bad[name][0])
+  for w in [f'run_{i}' for i in range(len(bad_data))] + ['b', 'c']:
+    assert not os.path.exists(tmp_path / w / 'checkpoints'), w
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_a_truncated_checkpoint_in_one_line(data_root, reference, tmp_path):
   cut = str(tmp_path / 'cut')
   shutil.copytree(reference, cut)
   state = os.path.join(cut, 'checkpoints', str(STEPS), 'state')
@@ -486,44 +541,11 @@ def test_bad_inputs_are_refused_in_one_line_before_anything_runs(data_root, refe
     if os.path.basename(d) == 'd':
       for f in fs:
         _truncate(os.path.join(d, f), 16)
-  root = tmp_path / 'no_mask'
-  base = make_category(root)
-  os.remove(os.path.join(base, 'ground_truth', 'crack', '001_mask.png'))
-  bad = {
-    'missing mask': ('has no mask', _args(root, tmp_path / 'a', evaluate=True)),
-    'unknown field': (
-      "--config.model.nonexistnt: the config has no field 'model.nonexistnt'",
-      _args(data_root, tmp_path / 'b', **{'model.nonexistnt': '1'}),
-    ),
-    'missing config file': (
-      "cannot load the config file 'configs/nonexistent.py'",
-      ['--config=configs/nonexistent.py', f'--workdir={tmp_path / "c"}'],
-    ),
-    # Orbax abandons the other reads of a step when one fails: no traceback of theirs.
-    'truncated checkpoint file': (
-      f"step {STEPS} in '{cut}/checkpoints', is damaged (its arrays cannot be restored",
-      _args(data_root, cut),
-    ),
-  }
-  # Started together: each spends its time importing, single-threaded.
-  cmds = {
-    k: Command(
-      tmp_path / k.replace(' ', '_'),
-      'msrd_jax.evaluate' if 'checkpoint' in k else 'msrd_jax.train',
-      *a,
-    )
-    for k, (_, a) in bad.items()
-  }
-  for name, cmd in cmds.items():
-    cmd.wait().assert_clean(2)
-    # One line, besides the warning that the demo's teacher is random.
-    teacher_warning = ('RANDOM weights', 'init_teacher(')
-    lines = [x for x in cmd.stderr.splitlines() if not any(w in x for w in teacher_warning)]
-    assert lines == cmd.lines('error:'), cmd.stderr
-    assert bad[name][0] in cmd.stderr, (name, cmd.stderr)
-  assert '001_mask.png' in cmds['missing mask'].stderr
-  for w in 'abc':
-    assert not os.path.exists(tmp_path / w / 'checkpoints')
+  # Orbax abandons the other reads of a step when one fails: no traceback of theirs.
+  _refused_in_one_line(
+    Command(tmp_path / 'log', 'msrd_jax.evaluate', *_args(data_root, cut)),
+    f"step {STEPS} in '{cut}/checkpoints', is damaged (its arrays cannot be restored",
+  )
 
 
 def test_run_all_reports_a_bad_category_and_goes_on(tmp_path):

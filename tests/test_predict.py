@@ -39,7 +39,6 @@ def _mixed_folder(root: str, good: str, test: str) -> tuple[str, list[str]]:
   return root, defective
 
 
-@pytest.mark.slow
 def test_predict_command_on_good_defective_corrupt_and_other_files(calibrated_run, tmp_path):
   config, workdir, good, record = calibrated_run
   test = os.path.join(config.data.root, config.data.category, 'test')
@@ -105,7 +104,6 @@ def test_predict_command_on_good_defective_corrupt_and_other_files(calibrated_ru
   )
 
 
-@pytest.mark.slow
 def test_predict_stops_at_once_with_one_clear_line(calibrated_run, tmp_path):
   _, workdir, good, _ = calibrated_run
   empty = tmp_path / 'empty'

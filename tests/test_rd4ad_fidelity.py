@@ -227,7 +227,6 @@ def test_synthetic_config_reads_a_folder_of_ones_own_data(tmp_path):
   assert run_all.discover_categories(config) == ['widget']
 
 
-@pytest.mark.slow
 def test_synthetic_config_trains_on_a_folder_it_did_not_generate(tmp_path):
   make_mvtec_tree(tmp_path / 'parts', 'widget', n_train=8, size=(40, 30))
   out = cli(

@@ -1,0 +1,116 @@
+"""A work directory refuses a config that would not fit its checkpoint, and names why."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+from conftest import cli
+from flax.traverse_util import flatten_dict
+
+from msrd_jax import checkpoint, teacher
+
+
+def _changed(value):
+  """Another value of the same kind (validity does not matter: identity is compared first)."""
+  if isinstance(value, bool):
+    return not value
+  if isinstance(value, int):
+    return value + 1
+  if isinstance(value, float):
+    return value * 2 + 1
+  if isinstance(value, str):
+    return value + '_other'
+  if isinstance(value, tuple | list):
+    return tuple(value) + ('other',) if value else ('other',)
+  if value is None:
+    return 1
+  raise TypeError(type(value))
+
+
+def _identity_leaves(config) -> list[str]:
+  return sorted(checkpoint.identity(config))
+
+
+def _set(config, dotted: str, value) -> None:
+  *parents, name = dotted.split('.')
+  node = config
+  for p in parents:
+    node = node[p]
+  with node.ignore_type():
+    node[name] = value
+
+
+def _mtimes(top: str) -> dict[str, float]:
+  return {
+    os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
+    for d, _, fs in os.walk(top)
+    for f in fs
+  }
+
+
+@pytest.fixture(scope='module')
+def saved_run(run_with_teacher_file):
+  """(config, workdir, teacher fingerprint) of a trained run."""
+  config, workdir, weights = run_with_teacher_file
+  fingerprint = teacher.fingerprint(teacher.load_teacher('resnet18', weights))
+  return config, workdir, fingerprint
+
+
+def test_every_identity_field_is_compared_and_named(saved_run):
+  config, workdir, fingerprint = saved_run
+  leaves = _identity_leaves(config)
+  # Every model field is identity (they shape the parameters), but not the teacher's path.
+  model_fields = {f'model.{k}' for k in flatten_dict(config.model.to_dict(), sep='.')}
+  assert model_fields - {'model.teacher_weights'} <= set(leaves)
+  assert 'model.teacher_weights' not in leaves
+  with checkpoint.Workdir(workdir, create=False) as wd:
+    wd.check_compatible(config, fingerprint)  # the run's own config fits
+    for field in leaves:
+      other = copy.deepcopy(config)
+      old = checkpoint._get(other, field)
+      _set(other, field, _changed(old))
+      with pytest.raises(checkpoint.CheckpointMismatch) as e:
+        wd.check_compatible(other, fingerprint)
+      listed = str(e.value).split('Differences:\n')[1].splitlines()
+      assert len(listed) == 1 and listed[0].strip().startswith(f'{field}: '), (field, listed)
+    # Fields that leave the parameters and the data stream alone may change.
+    other = copy.deepcopy(config)
+    other.train.steps, other.train.learning_rate = 99, 0.1
+    other.eval.batch_size, other.train.log_every_steps = 3, 7
+    wd.check_compatible(other, fingerprint)
+    # Another teacher: named by its fingerprint, not by its path.
+    with pytest.raises(checkpoint.CheckpointMismatch, match='another teacher'):
+      wd.check_compatible(config, fingerprint * 1.5 + 1)
+
+
+def test_the_train_command_lists_every_difference_and_touches_nothing(saved_run):
+  config, workdir, _ = saved_run
+  before = {
+    os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
+    for d, _, fs in os.walk(workdir)
+    for f in fs
+  }
+  result = cli(
+    'msrd_jax.train',
+    f'--config=configs/mvtec.py:{config.data.category}',
+    f'--workdir={workdir}',
+    f'--config.data.root={config.data.root}',
+    f'--config.model.teacher_weights={config.model.teacher_weights}',
+    '--config.model.backbone=resnet18',
+    '--config.data.image_size=64',
+    '--config.train.batch_size=4',
+    '--config.model.memory.mode=off',
+  )
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
+  assert f'{workdir!r} holds a checkpoint' in result.stderr
+  for field in ('data.image_size', 'train.batch_size', 'model.memory.mode'):
+    assert f'  {field}: checkpoint has' in result.stderr, (field, result.stderr)
+  after = {
+    os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
+    for d, _, fs in os.walk(workdir)
+    for f in fs
+  }
+  assert before == after
