@@ -15,6 +15,17 @@ from msrd_jax import config as config_lib
 from msrd_jax.data.synthetic import ensure_synthetic
 
 TRAIN_CATEGORIES = ('brick', 'grass')
+# The figures metrics.evaluate_all reports for a category (and results.json holds).
+METRIC_NAMES = (
+  'image_auroc',
+  'pixel_auroc',
+  'au_pro',
+  'image_ap',
+  'pixel_ap',
+  'image_f1_max',
+  'pixel_f1_max',
+  'au_pro_rd4ad',
+)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
