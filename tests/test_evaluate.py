@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -187,3 +190,41 @@ def test_picture_indices_cover_defects_and_good_images():
   assert (labels[idx] == 1).sum() == 6 and (labels[idx] == 0).sum() == 2
   assert evaluate.picture_indices(labels, 0).size == 0
   assert len(evaluate.picture_indices(labels[:3], 8)) == 3
+
+
+def _scores(workdir) -> np.ndarray:
+  with open(os.path.join(workdir, 'test_scores.csv')) as f:
+    return np.array([float(row[-1]) for row in list(csv.reader(f))[1:]])
+
+
+@pytest.mark.slow
+def test_every_eval_field_reaches_evaluation(run_with_teacher_file, tmp_path):
+  """Each field that shapes the maps changes every score; the mask resize changes only
+  the pixel figures; the batch size changes nothing."""
+  config, workdir, _ = run_with_teacher_file
+  run = str(tmp_path / 'run')
+  shutil.copytree(workdir, run)
+
+  def evaluated(**fields):
+    c = copy.deepcopy(config)
+    with c.eval.ignore_type():
+      c.eval.update(fields)
+    results = evaluate.evaluate(c, run, pictures=False)[c.data.category]
+    return results, _scores(run)
+
+  base, base_scores = evaluated()
+  same, same_scores = evaluated(batch_size=5)
+  np.testing.assert_allclose(same_scores, base_scores, rtol=1e-5)
+  assert same == pytest.approx(base, abs=1e-6)
+  for field, value in [
+    ('map_mode', 'mul'),
+    ('sigma', 1.0),
+    ('resolution', 64),
+    ('align_corners', True),
+  ]:
+    _, scores = evaluated(**{field: value})
+    assert np.abs(scores - base_scores).min() > 0, field  # every image's score moved
+  masks, _ = evaluated(mask_resize='bilinear', resolution=64)
+  nearest, _ = evaluated(mask_resize='nearest', resolution=64)
+  assert masks['image_auroc'] == nearest['image_auroc']
+  assert masks['pixel_auroc'] != nearest['pixel_auroc']

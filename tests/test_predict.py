@@ -103,6 +103,22 @@ def test_predict_command_on_good_defective_corrupt_and_other_files(calibrated_ru
     np.mean(amap > record['pixel_threshold'])
   )
 
+  # One file as the input: the same score as within the folder.
+  single = _cli(
+    'msrd_jax.predict',
+    '--workdir',
+    workdir,
+    '--input',
+    os.path.join(folder, name),
+    '--output',
+    str(tmp_path / 'single'),
+  )
+  assert single.returncode == 0, single.stderr[-3000:]
+  with open(tmp_path / 'single' / 'predictions.csv') as f:
+    (row,) = list(csv.DictReader(f))
+  assert row['file'] == os.path.basename(name) and row['status'] == 'ok'
+  assert float(row['score']) == pytest.approx(float(ok[name]['score']), rel=1e-5)
+
 
 def test_predict_stops_at_once_with_one_clear_line(calibrated_run, tmp_path):
   _, workdir, good, _ = calibrated_run

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import cli, tiny_config
 
 from msrd_jax import run_all, train
 
@@ -36,3 +39,60 @@ def test_run_all_trains_each_category_once_and_writes_one_table(
 def test_run_all_discovers_the_categories_of_a_root(synthetic_root):
   config = tiny_config(synthetic_root)
   assert run_all.discover_categories(config) == ['brick', 'grass']
+
+
+def _steps_logged(workdir) -> list[int]:
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line)['step'] for line in f if line.strip()]
+
+
+@pytest.mark.slow
+def test_the_command_resumes_an_unfinished_category_and_runs_only_those_asked(
+  synthetic_root, tmp_path
+):
+  common = [
+    '--config=configs/synthetic.py',
+    '--config.data.dataset=mvtec',
+    f'--config.data.root={synthetic_root}',
+    '--config.data.image_size=96',
+    '--config.train.checkpoint_every_steps=2',
+    '--config.eval.num_pictures=2',
+    '--config.calibration.source=none',
+  ]
+  # brick was started and stopped after its checkpoint of step 2 (no evaluation yet).
+  brick = tmp_path / 'brick'
+  first = cli(
+    'msrd_jax.train',
+    *common,
+    f'--workdir={brick}',
+    '--config.train.steps=2',
+    '--config.eval.after_training=False',
+  )
+  assert first.returncode == 0, first.stderr[-3000:]
+  step2 = os.path.getmtime(brick / 'checkpoints' / '2')
+  done = cli(
+    'msrd_jax.run_all',
+    *common,
+    f'--workdir={tmp_path}',
+    '--config.train.steps=4',
+    '--categories=brick,grass',
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  # brick resumed at step 2: its checkpoint of step 2 untouched, each step logged once.
+  assert os.path.getmtime(brick / 'checkpoints' / '2') == step2
+  assert _steps_logged(brick) == [1, 2, 3, 4]
+  assert _steps_logged(tmp_path / 'grass') == [1, 2, 3, 4]
+  with open(tmp_path / 'results.json') as f:
+    assert sorted(json.load(f)) == ['brick', 'grass']
+  # Only the categories asked for: the root has no others here, so ask for one.
+  again = cli(
+    'msrd_jax.run_all',
+    *common,
+    f'--workdir={tmp_path / "one"}',
+    '--config.train.steps=2',
+    '--categories=grass',
+  )
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert sorted(os.listdir(tmp_path / 'one')) == sorted(['grass', 'results.json', 'results.md']), (
+    os.listdir(tmp_path / 'one')
+  )

@@ -142,6 +142,14 @@ def test_missing_mvtec_root_says_where_to_get_it():
     config_lib.resolve_data(config)
 
 
+# Faster compiles for the test processes (see conftest).
+OPT0 = '--xla_backend_optimization_level=0'
+
+
+def _devices_flags(n: int) -> str:
+  return f'--xla_force_host_platform_device_count={n} {OPT0}'
+
+
 # Runs in a subprocess: the device count is fixed when JAX starts.
 PMAP_SCRIPT = textwrap.dedent('''
     import jax, numpy as np, optax
@@ -186,24 +194,19 @@ PMAP_SCRIPT = textwrap.dedent('''
     rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
     stat_rel = lambda a, b: max(float(np.abs(x - y).max() / np.abs(y).max())
                                 for x, y in zip(a, b))
-    # In float64 compute, the data-parallel step is the single-device step.
+    # In float64 compute, the data-parallel step is the single-device step. (In float32,
+    # test_train_on_eight_devices_follows_one_device runs the real training.)
     f64 = runs('float64')
     (one, one_stats), (eight, eight_stats) = f64[1], f64[8]
     print('float64: updates', rel(eight, one), 'BN statistics', stat_rel(eight_stats, one_stats))
     assert rel(eight, one) < 1e-3 and stat_rel(eight_stats, one_stats) < 1e-5
-    # In float32 the two differ no more than float32 rounding itself moves one device.
-    f32 = runs('float32')
-    one32, eight32 = f32[1][0], f32[8][0]
-    print('float32: 8 vs 1 device', rel(eight32, one32), '; float32 vs float64 on 1 device',
-          rel(one32, one))
-    assert rel(eight32, one32) < 3 * rel(one32, one) + 1e-6
     print('equivalent')
 ''')
 
 
 @pytest.mark.slow
 def test_eight_devices_equal_one_device_with_the_same_global_batch():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', PYTHONPATH=ROOT)
+  env = dict(os.environ, XLA_FLAGS=_devices_flags(8), PYTHONPATH=ROOT)
   out = subprocess.run(
     [sys.executable, '-c', PMAP_SCRIPT],
     env=env,
@@ -280,9 +283,7 @@ def test_train_on_eight_devices_follows_one_device(tmp_path):
   _train_images(root)
   runs = {}
   for devices in (1, 8):
-    env = dict(
-      os.environ, PYTHONPATH=ROOT, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}'
-    )
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=_devices_flags(devices))
     out = tmp_path / f'{devices}.npz'
     workdir = tmp_path / f'work{devices}'
     proc = subprocess.Popen(
