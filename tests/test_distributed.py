@@ -216,7 +216,6 @@ EQUIVALENCE_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
 def test_two_processes_train_like_one_device_with_the_same_global_batch(
   synthetic_root, teacher_path, xla_cache, tmp_path
 ):
