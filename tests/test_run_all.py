@@ -59,25 +59,17 @@ def test_the_command_resumes_an_unfinished_category_and_runs_only_those_asked(
     '--config.eval.num_pictures=2',
     '--config.calibration.source=none',
   ]
+
+  def command(module: str, workdir, steps: int, *extra: str):
+    done = cli(module, *common, f'--workdir={workdir}', f'--config.train.steps={steps}', *extra)
+    assert done.returncode == 0, done.stderr[-3000:]
+
   # brick was started and stopped after its checkpoint of step 2 (no evaluation yet).
   brick = tmp_path / 'brick'
-  first = cli(
-    'msrd_jax.train',
-    *common,
-    f'--workdir={brick}',
-    '--config.train.steps=2',
-    '--config.eval.after_training=False',
-  )
-  assert first.returncode == 0, first.stderr[-3000:]
+  command('msrd_jax.train', brick, 2, '--config.eval.after_training=False')
+  assert not os.path.exists(brick / 'results.json')
   step2 = os.path.getmtime(brick / 'checkpoints' / '2')
-  done = cli(
-    'msrd_jax.run_all',
-    *common,
-    f'--workdir={tmp_path}',
-    '--config.train.steps=4',
-    '--categories=brick,grass',
-  )
-  assert done.returncode == 0, done.stderr[-3000:]
+  command('msrd_jax.run_all', tmp_path, 4, '--categories=brick,grass')
   # brick resumed at step 2: its checkpoint of step 2 untouched, each step logged once.
   assert os.path.getmtime(brick / 'checkpoints' / '2') == step2
   assert _steps_logged(brick) == [1, 2, 3, 4]
@@ -85,14 +77,7 @@ def test_the_command_resumes_an_unfinished_category_and_runs_only_those_asked(
   with open(tmp_path / 'results.json') as f:
     assert sorted(json.load(f)) == ['brick', 'grass']
   # Only the categories asked for: the root has no others here, so ask for one.
-  again = cli(
-    'msrd_jax.run_all',
-    *common,
-    f'--workdir={tmp_path / "one"}',
-    '--config.train.steps=2',
-    '--categories=grass',
-  )
-  assert again.returncode == 0, again.stderr[-3000:]
+  command('msrd_jax.run_all', tmp_path / 'one', 2, '--categories=grass')
   assert sorted(os.listdir(tmp_path / 'one')) == sorted(['grass', 'results.json', 'results.md']), (
     os.listdir(tmp_path / 'one')
   )
