@@ -56,6 +56,7 @@ def test_the_command_resumes_an_unfinished_category_and_runs_only_those_asked(
     f'--config.data.root={synthetic_root}',
     '--config.data.image_size=96',
     '--config.train.checkpoint_every_steps=2',
+    '--config.train.log_every_steps=1',
     '--config.eval.num_pictures=2',
     '--config.calibration.source=none',
   ]
