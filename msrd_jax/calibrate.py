@@ -53,13 +53,12 @@ import math
 import os
 from collections.abc import Sequence
 
-import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from msrd_jax import cli, files, inference
+from msrd_jax import cli, distributed, files, inference
 from msrd_jax import config as config_lib
 from msrd_jax import data as data_lib
 from msrd_jax.data import scan
@@ -271,7 +270,7 @@ def calibrate_run(
   samples, source, detail = calibration_samples(config, good)  # before loading: fail fast
   run = inference.load_run(config, workdir, teacher_vars)
   record = calibrate(run, samples, source, detail)
-  if jax.process_index() == 0:
+  if distributed.is_main_process():
     files.write_json(os.path.join(workdir, FILE), record)
   return record
 

@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from msrd_jax import files
+from msrd_jax import distributed, files
 from msrd_jax.errors import UserError
 
 # Fields a checkpoint depends on: parameter shapes, the teacher, the data stream.
@@ -187,10 +187,10 @@ class Workdir:
         create=create,
         # Half-written steps of a killed run are removed when training restarts.
         cleanup_tmp_directories=create,
-        # With several processes Orbax synchronizes them with device collectives, some
-        # from its background threads; run there, they can interleave with the
-        # training step's collectives in a different order on each process and
-        # deadlock. Saving in the foreground keeps every collective in program order.
+        # With several processes, Orbax's background threads would run its barriers
+        # (device collectives unless msrd_jax.distributed switches them to the
+        # coordination service) interleaved with the training step's collectives in a
+        # different order on each process. Saving in the foreground keeps program order.
         enable_async_checkpointing=jax.process_count() == 1,
       ),
       item_names=('state', 'meta'),
@@ -382,7 +382,7 @@ class Workdir:
     dest, n = os.path.join(dest_dir, str(step)), 1
     while os.path.exists(dest):
       dest, n = os.path.join(dest_dir, f'{step}.{n}'), n + 1
-    if jax.process_index() == 0 and os.path.exists(src):
+    if distributed.is_main_process() and os.path.exists(src):
       os.rename(src, dest)
     self.manager.reload()
     return dest

@@ -118,10 +118,15 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
+def _share_size(n: int) -> int:
+  """Items per process when n are split in contiguous shares (the last may be shorter)."""
+  return -(-n // jax.process_count())
+
+
 def shard_range(n: int) -> tuple[int, int]:
   """[start, stop) of this process's contiguous share of n items (equal sizes but the
   last ones, which may be shorter or empty)."""
-  per = -(-n // jax.process_count())
+  per = _share_size(n)
   start = min(n, jax.process_index() * per)
   return start, min(n, start + per)
 
@@ -146,5 +151,4 @@ def gather_rows(local: np.ndarray, n: int) -> np.ndarray:
 
   local: this process's rows (stop - start, ...). Collective: all processes call it.
   """
-  per = -(-n // jax.process_count())
-  return np.concatenate(process_shares(local, per))
+  return np.concatenate(process_shares(local, _share_size(n)))

@@ -271,7 +271,7 @@ def evaluate(
     results.update({k: threshold[k] for k in THRESHOLD_METRICS})
   if distributed.is_main_process():  # every process has the results; one writes them
     write_reports(workdir, run, scored, results, per_defect, pictures, threshold)
-  with metric_writers.MetricWriter(workdir, enabled=jax.process_index() == 0) as writer:
+  with metric_writers.MetricWriter(workdir, enabled=distributed.is_main_process()) as writer:
     writer.add_scalars(int(run.meta['data_step']), results, prefix='eval')
   return {config.data.category: results}
 

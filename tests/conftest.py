@@ -87,6 +87,16 @@ def tiny_config(root: str, category: str = 'brick', steps: int = 6):
   return c
 
 
+def mtimes(top) -> dict[str, float]:
+  """Modification time of every file under `top`, by path: equal before and after means
+  nothing was written."""
+  return {
+    os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
+    for d, _, fs in os.walk(top)
+    for f in fs
+  }
+
+
 def cli(module: str, *args: str) -> subprocess.CompletedProcess:
   """`python -m MODULE ARGS` from the repository root, as a user runs it."""
   env = dict(os.environ, PYTHONPATH=ROOT)

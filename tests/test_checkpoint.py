@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
-from conftest import cli
+from conftest import cli, mtimes
 from flax.traverse_util import flatten_dict
 
 from msrd_jax import checkpoint, teacher
@@ -40,14 +39,6 @@ def _set(config, dotted: str, value) -> None:
     node = node[p]
   with node.ignore_type():
     node[name] = value
-
-
-def _mtimes(top: str) -> dict[str, float]:
-  return {
-    os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
-    for d, _, fs in os.walk(top)
-    for f in fs
-  }
 
 
 @pytest.fixture(scope='module')
@@ -87,11 +78,7 @@ def test_every_identity_field_is_compared_and_named(saved_run):
 
 def test_the_train_command_lists_every_difference_and_touches_nothing(saved_run):
   config, workdir, _ = saved_run
-  before = {
-    os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
-    for d, _, fs in os.walk(workdir)
-    for f in fs
-  }
+  before = mtimes(workdir)
   result = cli(
     'msrd_jax.train',
     f'--config=configs/mvtec.py:{config.data.category}',
@@ -108,9 +95,4 @@ def test_the_train_command_lists_every_difference_and_touches_nothing(saved_run)
   assert f'{workdir!r} holds a checkpoint' in result.stderr
   for field in ('data.image_size', 'train.batch_size', 'model.memory.mode'):
     assert f'  {field}: checkpoint has' in result.stderr, (field, result.stderr)
-  after = {
-    os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
-    for d, _, fs in os.walk(workdir)
-    for f in fs
-  }
-  assert before == after
+  assert mtimes(workdir) == before

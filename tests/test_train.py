@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import tiny_config
+from conftest import mtimes, tiny_config
 from data_fixtures import make_mvtec_tree, write_image
 
 from msrd_jax import checkpoint, train
@@ -90,7 +90,7 @@ def test_crashed_run_resumes_to_the_same_parameters(synthetic_root, uninterrupte
 @pytest.mark.slow
 def test_incompatible_config_is_refused_and_checkpoint_kept(synthetic_root, uninterrupted):
   workdir, _ = uninterrupted
-  before = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(workdir) for p in fs}
+  before = mtimes(workdir)
   for field, value in (('model.fusion', 'mff'), ('model.backbone', 'resnet34')):
     config = tiny_config(synthetic_root, steps=8)
     section, name = field.split('.')
@@ -98,8 +98,7 @@ def test_incompatible_config_is_refused_and_checkpoint_kept(synthetic_root, unin
     config.model.coord_attention = ('decoder',)  # mff has no fused maps to attend to
     with pytest.raises(checkpoint.CheckpointMismatch, match=field.replace('.', r'\.')):
       train.train(config, workdir)
-  after = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(workdir) for p in fs}
-  assert before == after
+  assert mtimes(workdir) == before
 
 
 @pytest.mark.slow
