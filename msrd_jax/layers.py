@@ -1,10 +1,10 @@
 """The layers every network of the project is built from, with PyTorch's semantics.
 
 `conv` and `batch_norm` make the bias-free, explicitly padded convolution and the
-BatchNorm (PyTorch's eps and momentum, two-pass variance) that torchvision's ResNet and
-RD4AD's modules use. `Layers` holds what is the same for every such layer of one network
-(compute dtype, the device axis of synchronized BatchNorm), so that modules take one
-field instead of repeating three, and receive `train` in `__call__`.
+BatchNorm (PyTorch's eps, momentum, two-pass variance and unbiased running variance) that
+torchvision's ResNet and RD4AD's modules use. `Layers` holds what is the same for every
+such layer of one network (compute dtype, the device axis of synchronized BatchNorm), so
+that modules take one field instead of repeating three, and receive `train` in `__call__`.
 """
 
 from __future__ import annotations
@@ -138,23 +138,62 @@ def conv(
   return Conv(features, kernel, stride, dtype, name=name)
 
 
+class BatchNorm(nn.Module):
+  """BatchNorm over every axis but the last, with PyTorch's training-mode semantics.
+
+  Parameters 'scale' and 'bias', running statistics 'mean' and 'var' in 'batch_stats',
+  as flax.linen.BatchNorm names them, so checkpoints and ported weights are the same.
+  Two things differ from Flax's layer, both as torch.nn.BatchNorm2d does:
+  - the batch variance is computed in two passes, E[(x - E[x])^2]; Flax's default
+    E[x^2] - E[x]^2 loses most digits on post-ReLU features;
+  - the running variance averages the *unbiased* batch variance, n / (n - 1) times the
+    biased one that normalizes the batch (n values per channel, over every device of
+    `axis_name`). Flax averages the biased one.
+  Statistics are reduced in float32 at least, whatever the compute dtype.
+  """
+
+  use_running_average: bool
+  momentum: float = BN_MOMENTUM
+  epsilon: float = BN_EPS
+  dtype: Any = jnp.float32
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
+    scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      xs = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+      axes = tuple(range(x.ndim - 1))
+      # As Flax does, no device axis exists at init, and the running averages stay.
+      axis_name = None if self.is_initializing() else self.axis_name
+      mean = jnp.mean(xs, axes)
+      if axis_name is not None:
+        mean = lax.pmean(mean, axis_name)
+      var = jnp.mean(jnp.square(xs - mean), axes)
+      n = math.prod(x.shape[:-1])
+      if axis_name is not None:
+        var = lax.pmean(var, axis_name)
+        n = n * lax.axis_size(axis_name)
+      if not self.is_initializing():
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        unbiased = var * (n / jnp.maximum(n - 1, 1))
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
+    y = (x - mean) * (lax.rsqrt(var + self.epsilon) * scale) + bias
+    return y.astype(self.dtype)
+
+
 def batch_norm(
   train: bool, name: str | None = None, dtype: Any = jnp.float32, axis_name: str | None = None
-) -> nn.BatchNorm:
-  """BatchNorm with PyTorch's eps and momentum; batch statistics only when training.
-
-  The variance is computed in two passes, as PyTorch does: Flax's default one-pass
-  E[x^2] - E[x]^2 loses most digits on post-ReLU features.
-  """
-  return nn.BatchNorm(
-    use_running_average=not train,
-    momentum=BN_MOMENTUM,
-    epsilon=BN_EPS,
-    dtype=dtype,
-    axis_name=axis_name,
-    name=name,
-    use_fast_variance=False,
-  )
+) -> BatchNorm:
+  """BatchNorm with PyTorch's eps, momentum and variance; batch statistics only when
+  training."""
+  return BatchNorm(not train, dtype=dtype, axis_name=axis_name, name=name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,5 +240,5 @@ class Layers:
   def conv(self, features: int, kernel: int, stride: int = 1, name: str | None = None) -> nn.Conv:
     return conv(features, kernel, stride, name, self.dtype)
 
-  def norm(self, train: bool, name: str | None = None) -> nn.BatchNorm:
+  def norm(self, train: bool, name: str | None = None) -> BatchNorm:
     return batch_norm(train, name, self.dtype, self.bn_axis_name)
