@@ -12,8 +12,9 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import METRIC_NAMES, ROOT, tiny_config
+from conftest import METRIC_NAMES, ROOT, mtimes, tiny_config
 from conftest import cli as _cli
+from data_fixtures import make_mvtec_tree
 from PIL import Image
 
 from msrd_jax import checkpoint, evaluate, teacher, train
@@ -24,44 +25,53 @@ def _check_png(path: str) -> None:
     assert im.format == 'PNG' and min(im.size) >= 100
 
 
-def test_demo_command_trains_then_writes_results_and_pictures(synthetic_root, tmp_path):
-  # The README's main job, at test scale: the synthetic config, two overrides shorter.
+def test_demo_command_on_a_folder_it_did_not_generate(tmp_path):
+  """The README's main command, with `data.root` at a user's folder in the MVTec layout
+  (written here, not by the project), at test scale: it trains, calibrates on the
+  folder's training images, evaluates, and writes every report and picture, without
+  writing into the user's folder."""
+  make_mvtec_tree(tmp_path / 'parts', 'widget', n_train=8, size=(40, 30))
+  before = mtimes(tmp_path / 'parts')
+  run = tmp_path / 'run'
   out = _cli(
     'msrd_jax.train',
     '--config',
-    'configs/synthetic.py',
+    'configs/synthetic.py:widget',
     '--workdir',
-    str(tmp_path),
-    '--config.data.dataset=mvtec',
-    f'--config.data.root={synthetic_root}',
+    str(run),
+    f'--config.data.root={tmp_path / "parts"}',
+    # Test scale: 96 px, batch 8, 2 steps.
     '--config.data.image_size=96',
-    '--config.train.steps=4',
     '--config.train.batch_size=8',
+    '--config.train.steps=2',
     '--config.eval.num_pictures=4',
   )
   assert out.returncode == 0, out.stderr[-3000:]
-  with open(tmp_path / 'results.json') as f:
+  with open(run / 'results.json') as f:
     results = json.load(f)
-  assert list(results) == ['brick']
+  assert list(results) == ['widget']
   for key in METRIC_NAMES:
-    assert 0.0 <= results['brick'][key] <= 1.0, key
-  table = (tmp_path / 'results.md').read_text()
-  assert '| brick |' in table and '| Mean |' in table
-  with open(tmp_path / 'evaluation.json') as f:
+    assert 0.0 <= results['widget'][key] <= 1.0, key
+  table = (run / 'results.md').read_text()
+  assert '| widget |' in table and '| Mean |' in table
+  with open(run / 'evaluation.json') as f:
     info = json.load(f)
-  assert info['checkpoint_step'] == 4 and info['test_images'] == 52
-  assert set(info['image_auroc_per_defect_type']) == {'color', 'misplaced', 'scratch', 'stain'}
-  _check_png(tmp_path / 'pictures' / 'examples.png')
-  _check_png(tmp_path / 'pictures' / 'curves.png')
+  assert info['checkpoint_step'] == 2
+  assert info['test_images'] == 5 and info['defective_images'] == 3
+  assert set(info['image_auroc_per_defect_type']) == {'crack', 'hole'}
+  _check_png(run / 'pictures' / 'examples.png')
+  _check_png(run / 'pictures' / 'curves.png')
   assert 'RANDOM weights' in out.stderr  # the random teacher is announced loudly
   # Training calibrated the threshold on its own images (the config's default source),
   # and evaluation reports what that threshold does on the test set.
-  with open(tmp_path / 'calibration.json') as f:
+  with open(run / 'calibration.json') as f:
     calibration = json.load(f)
-  assert calibration['source'] == 'train' and calibration['images'] == 80
+  assert calibration['source'] == 'train' and calibration['images'] == 8
   for key in ('false_alarm_rate', 'detection_rate'):
-    assert 0.0 <= results['brick'][key] <= 1.0, key
+    assert 0.0 <= results['widget'][key] <= 1.0, key
   assert info['threshold']['image_threshold'] == calibration['image_threshold']
+  # Nothing was generated into, or changed in, the user's folder.
+  assert mtimes(tmp_path / 'parts') == before
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ each of them does."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import os
 
@@ -12,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import cli
 from data_fixtures import make_mvtec_tree
 
 from msrd_jax import config as config_lib
@@ -225,27 +223,3 @@ def test_synthetic_config_reads_a_folder_of_ones_own_data(tmp_path):
   config.data.root = str(tmp_path / 'parts')
   assert config_lib.resolve_data(config) == ('mvtec', str(tmp_path / 'parts'))
   assert run_all.discover_categories(config) == ['widget']
-
-
-def test_synthetic_config_trains_on_a_folder_it_did_not_generate(tmp_path):
-  make_mvtec_tree(tmp_path / 'parts', 'widget', n_train=8, size=(40, 30))
-  out = cli(
-    'msrd_jax.train',
-    '--config',
-    'configs/synthetic.py:widget',
-    '--workdir',
-    str(tmp_path / 'run'),
-    f'--config.data.root={tmp_path / "parts"}',
-    # Test scale, as the demo's test: 96 px, batch 8, 2 steps.
-    '--config.data.image_size=96',
-    '--config.train.batch_size=8',
-    '--config.train.steps=2',
-    '--config.eval.num_pictures=2',
-  )
-  assert out.returncode == 0, out.stderr[-3000:]
-  results = json.loads((tmp_path / 'run' / 'results.json').read_text())
-  assert 0.0 <= results['widget']['image_auroc'] <= 1.0
-  info = json.loads((tmp_path / 'run' / 'evaluation.json').read_text())
-  assert info['test_images'] == 5 and info['defective_images'] == 3
-  # Nothing was generated into the user's folder.
-  assert sorted(os.listdir(tmp_path / 'parts')) == ['widget']
