@@ -6,6 +6,8 @@
         --config.model.coord_attention="()" --config.model.memory.mode=off  # plain RD4AD
     python -m msrd_jax.benchmark infer --config configs/mvtec.py   # maps + scores, and batch 1
     python -m msrd_jax.benchmark params --config configs/mvtec.py  # parameter counts
+    python -m msrd_jax.benchmark profile --config configs/mvtec.py # where the step's time goes
+    python -m msrd_jax.benchmark profile --program infer ...       # the same for inference
     ... --json results.json                                        # the figures as JSON
 
 Each measurement compiles first (timed separately: the compile time), then times
@@ -27,7 +29,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from msrd_jax import files, inference, teacher, train
+from msrd_jax import files, inference, profiling, teacher, train
 from msrd_jax import model as model_lib
 
 FLAGS = flags.FLAGS
@@ -86,42 +88,61 @@ def _flops(compiled) -> float | None:
   return float(cost['flops'])
 
 
-def measure(
-  what: str,
-  fn: Callable,
-  args: tuple,
-  batch: int,
-  config_like: tuple[str, int],
-  iters: int,
-  repeats: int,
-  details: str = '',
-  update: Callable | None = None,
-) -> Measurement:
-  """Compiles jitted `fn` for `args`, then times it; `update(out, args)` -> next args."""
+@dataclasses.dataclass
+class Program:
+  """A jitted function and its arguments, as the benchmark runs it."""
+
+  what: str
+  fn: Callable  # jitted
+  args: tuple
+  batch: int
+  config_like: tuple[str, int]  # (backbone, image size)
+  details: str = ''
+  # (output, args) -> the next call's args (the training step feeds its state back).
+  update: Callable = lambda out, args: args
+
+  def compile(self):
+    return self.fn.lower(*self.args).compile()
+
+  def runner(self, compiled) -> Callable[[], object]:
+    """A function that calls `compiled` once on the current arguments, moves them on,
+    and returns the output (not waited for)."""
+    args = self.args
+
+    def run():
+      nonlocal args
+      out = compiled(*args)
+      args = self.update(out, args)
+      return out
+
+    return run
+
+
+def measure(program: Program, iters: int, repeats: int) -> Measurement:
+  """Compiles the program, then times it: `repeats` windows of `iters` calls."""
   start = time.perf_counter()
-  compiled = fn.lower(*args).compile()
+  compiled = program.compile()
   compile_seconds = time.perf_counter() - start
-  update = update or (lambda out, args: args)
-  args = update(jax.block_until_ready(compiled(*args)), args)  # warm-up
+  run = program.runner(compiled)
+  jax.block_until_ready(run())  # warm-up
   windows = []
   for _ in range(repeats):
     start = time.perf_counter()
     for _ in range(iters):
-      out = compiled(*args)
-      args = update(out, args)
+      out = run()
     jax.block_until_ready(out)
     windows.append((time.perf_counter() - start) / iters)
   flops = _flops(compiled)
   return Measurement(
-    what,
-    config_like[0],
-    config_like[1],
-    batch,
+    program.what,
+    program.config_like[0],
+    program.config_like[1],
+    program.batch,
     compile_seconds,
     statistics.median(windows),
     (min(windows), max(windows)),
-    None if flops is None else flops / batch,
-    details,
+    None if flops is None else flops / program.batch,
+    program.details,
   )
 
 
@@ -130,13 +151,11 @@ def _images(batch: int, size: int) -> jax.Array:
   return jax.device_put(rng.uniform(size=(batch, size, size, 3)).astype(np.float32))
 
 
-def bench_teacher(arch: str, size: int, batch: int, iters: int, repeats: int) -> Measurement:
+def teacher_program(arch: str, size: int, batch: int) -> Program:
   """The teacher forward (layer1..3) on random weights."""
   variables = teacher.init_teacher(arch, warn=False)
   forward = jax.jit(teacher.ResNet(arch).apply)
-  return measure(
-    'teacher', forward, (variables, _images(batch, size)), batch, (arch, size), iters, repeats
-  )
+  return Program('teacher', forward, (variables, _images(batch, size)), batch, (arch, size))
 
 
 def _describe(config) -> str:
@@ -147,7 +166,7 @@ def _describe(config) -> str:
   )
 
 
-def bench_train_step(config, iters: int, repeats: int) -> Measurement:
+def train_step_program(config) -> Program:
   """The whole jitted training step (teacher, student, loss, grads, Adam), one device."""
   batch, size = config.train.batch_size, config.data.image_size
   teacher_vars = teacher.init_teacher(config.model.backbone, warn=False)
@@ -155,36 +174,50 @@ def bench_train_step(config, iters: int, repeats: int) -> Measurement:
   tx = train.make_optimizer(config)
   state = train.create_state(model, tx, teacher_vars, config)
   step = jax.jit(train.make_train_step(model, tx, config, axis_name=None), donate_argnums=(0,))
-  return measure(
+  return Program(
     'train step',
     step,
     (state, teacher_vars, _images(batch, size)),
     batch,
     (config.model.backbone, size),
-    iters,
-    repeats,
     _describe(config),
     update=lambda out, args: (out[0], *args[1:]),
   )
 
 
-def bench_inference(config, batch: int, iters: int, repeats: int) -> Measurement:
+def inference_program(config, batch: int) -> Program:
   """Anomaly maps and scores (teacher, student, per-level maps, resize, blur, max)."""
   size = config.data.image_size
   teacher_vars = teacher.init_teacher(config.model.backbone, warn=False)
   model = model_lib.MSRD(config)
   student_vars = model.init(jax.random.key(0), teacher_vars, size)
   predict = inference.make_predict_fn(model, config)
-  return measure(
+  return Program(
     'inference',
     predict,
     (teacher_vars, student_vars, _images(batch, size)),
     batch,
     (config.model.backbone, size),
-    iters,
-    repeats,
     _describe(config),
   )
+
+
+def profile_program(program: Program, calls: int, top: int) -> str:
+  """The per-operation profile of a program (msrd_jax.profiling) as text."""
+  compiled = program.compile()
+  run = program.runner(compiled)
+  jax.block_until_ready(run())  # warm-up
+  start = time.perf_counter()
+  for _ in range(calls):
+    out = run()
+  jax.block_until_ready(out)
+  wall = (time.perf_counter() - start) / calls
+  times = profiling.profile(compiled, run, calls)
+  head = (
+    f'{program.what} {program.config_like[0]} {program.config_like[1]}px batch '
+    f'{program.batch}{program.details}'
+  )
+  return head + '\n' + profiling.report(times, wall, top)
 
 
 def parameter_counts(config) -> dict[str, int]:
@@ -198,7 +231,7 @@ def parameter_counts(config) -> dict[str, int]:
   return counts
 
 
-COMMANDS = ('teacher', 'train', 'infer', 'params')
+COMMANDS = ('teacher', 'train', 'infer', 'params', 'profile')
 
 
 def main(argv: Sequence[str]) -> None:
@@ -217,16 +250,27 @@ def main(argv: Sequence[str]) -> None:
     for name, n in parameter_counts(config).items():
       print(f'  {name:>24}: {n:>12,}')
     return
+  if what == 'profile':
+    program = (
+      train_step_program(config)
+      if FLAGS.program == 'train'
+      else inference_program(config, config.eval.batch_size)
+    )
+    print(profile_program(program, FLAGS.iters, FLAGS.top), flush=True)
+    return
   if what == 'train':
-    results.append(bench_train_step(config, FLAGS.iters, FLAGS.repeats))
+    results.append(measure(train_step_program(config), FLAGS.iters, FLAGS.repeats))
   elif what == 'infer':
-    results.append(bench_inference(config, config.eval.batch_size, FLAGS.iters, FLAGS.repeats))
+    results.append(
+      measure(inference_program(config, config.eval.batch_size), FLAGS.iters, FLAGS.repeats)
+    )
     # A production line scores one image at a time: the latency of batch 1.
-    results.append(bench_inference(config, 1, FLAGS.iters, FLAGS.repeats))
+    results.append(measure(inference_program(config, 1), FLAGS.iters, FLAGS.repeats))
   else:
     archs = list(teacher.ARCH_SPECS) if FLAGS.arch == 'all' else [FLAGS.arch]
     for arch in archs:
-      results.append(bench_teacher(arch, FLAGS.size, FLAGS.batch, FLAGS.iters, FLAGS.repeats))
+      program = teacher_program(arch, FLAGS.size, FLAGS.batch)
+      results.append(measure(program, FLAGS.iters, FLAGS.repeats))
       print(results[-1].line(), flush=True)
   if what != 'teacher':
     for r in results:
@@ -249,4 +293,6 @@ if __name__ == '__main__':
   flags.DEFINE_integer('iters', 3, 'Calls per timed window.')
   flags.DEFINE_integer('repeats', 3, 'Timed windows; the median is reported.')
   flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')
+  flags.DEFINE_enum('program', 'train', ['train', 'infer'], 'profile: which program.')
+  flags.DEFINE_integer('top', 25, 'profile: how many of the slowest operations to list.')
   app.run(main)

@@ -112,7 +112,8 @@ class MSRD:
 
   def teacher_features(self, teacher_vars: dict, images: jax.Array) -> list[jax.Array]:
     """[e1, e2, e3] as float32, outside any gradient; images (B, H, W, 3) in [0, 1]."""
-    feats = self.teacher.apply(teacher_vars, images)
+    with jax.named_scope('Teacher'):  # names its operations in profiles (msrd_jax.profiling)
+      feats = self.teacher.apply(teacher_vars, images)
     return [jax.lax.stop_gradient(f.astype(jnp.float32)) for f in feats]
 
   def init(self, rng: jax.Array, teacher_vars: dict, image_size: int) -> dict:

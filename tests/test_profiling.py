@@ -1,0 +1,80 @@
+"""The per-operation profile: HLO parsing and trace aggregation on programs whose
+operations are known."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import cli
+
+from msrd_jax import layers, profiling
+
+
+def _loss(x, kernel, w):
+  y = layers.conv2d(x, kernel, 1, 1)  # a convolution, then a matrix product
+  return jnp.sum(jnp.tanh(y.reshape(-1, y.shape[-1]) @ w))
+
+
+def _compiled():
+  rng = np.random.default_rng(0)
+  args = (
+    jnp.asarray(rng.normal(size=(2, 24, 24, 16)), jnp.float32),
+    jnp.asarray(rng.normal(size=(3, 3, 16, 32)), jnp.float32),
+    jnp.asarray(rng.normal(size=(32, 8)), jnp.float32),
+  )
+  fn = jax.jit(jax.grad(_loss, argnums=(1, 2)))
+  return fn.lower(*args).compile(), fn, args
+
+
+def test_parse_hlo_finds_every_instruction_with_its_kind_and_origin():
+  compiled, _, _ = _compiled()
+  text = compiled.as_text()
+  instructions = profiling.parse_hlo(text)
+  # Every instruction line of the text is parsed (parameters and constants included).
+  names = {ln.split(' = ')[0].split()[-1].lstrip('%') for ln in text.splitlines() if ' = ' in ln}
+  assert set(instructions) == names
+  kinds = {i.kind for i in instructions.values()}
+  assert 'convolution' in kinds and 'dot' in kinds
+  # The forward convolution carries the JAX operation it came from, outside any gradient
+  # transpose; the gradient's operations are marked as such.
+  convs = [i for i in instructions.values() if i.kind == 'convolution']
+  assert any('conv_general_dilated' in i.op_name and 'transpose(' not in i.op_name for i in convs)
+  assert any('transpose(' in i.op_name for i in instructions.values())
+
+
+def test_profile_times_the_operations_of_the_program_it_ran():
+  compiled, _, args = _compiled()
+  times = profiling.profile(compiled, lambda: compiled(*args), calls=2)
+  instructions = profiling.parse_hlo(compiled.as_text())
+  assert times and all(t.instruction.name in instructions for t in times)
+  assert all(t.seconds >= 0 for t in times)
+  assert [t.seconds for t in times] == sorted((t.seconds for t in times), reverse=True)
+  kinds = {t.instruction.kind for t in times}
+  assert {'convolution', 'dot'} <= kinds
+  assert {t.direction for t in times} == {'forward', 'backward'}
+  for key in (lambda t: t.instruction.kind, lambda t: t.direction, lambda t: t.network):
+    rows = profiling.breakdown(times, key)
+    assert sum(f for _, _, f in rows) == pytest.approx(1.0)
+    assert sum(s for _, s, _ in rows) == pytest.approx(sum(t.seconds for t in times))
+  text = profiling.report(times, wall_seconds=0.01, top=3)
+  assert 'by kind of operation' in text and text.count('\n  ') >= 3
+
+
+@pytest.mark.slow
+def test_profile_command_names_the_teacher_and_the_student():
+  done = cli(
+    'msrd_jax.benchmark',
+    'profile',
+    '--config=configs/synthetic.py',
+    '--config.data.image_size=64',
+    '--config.train.batch_size=2',
+    '--iters=1',
+    '--top=5',
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  by_network = done.stdout.split('by network:')[1].split('\n\n')[0]
+  for network in ('teacher', 'student', 'loss and optimizer'):
+    assert network in by_network
+  assert 'the 5 slowest operations' in done.stdout
