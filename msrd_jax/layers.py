@@ -56,15 +56,32 @@ def _conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Arr
   )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
-  """2-D convolution, NHWC x HWIO -> NHWC, symmetric zero padding, XLA's forward.
+  """2-D convolution, NHWC x HWIO -> NHWC, symmetric zero padding.
 
-  Same values and gradients as differentiating lax.conv_general_dilated; only the kernel
-  gradient is computed differently: as one matrix product per kernel tap, (N, C)^T (N, O)
-  over the N = B * H_out * W_out output positions. XLA:CPU lowers the kernel gradient of
-  a convolution to a generic, slow loop (2-7x slower than these products at the decoder's
-  shapes); on accelerators both are matrix products.
+  Same values and gradients as differentiating lax.conv_general_dilated, to float32
+  rounding, computed the way XLA:CPU does fastest:
+  - a 1x1 convolution without padding is a matrix product, (B * H * W, C) x (C, O), of
+    the input's every `stride`-th row and column. XLA:CPU's convolution of a 1x1 kernel
+    is 1.4-5x slower forward than that product at the decoder's and teacher's shapes
+    (`python scripts/bench_convs.py`; README, Speed);
+  - otherwise XLA's convolution, with the kernel gradient as one matrix product per
+    kernel tap (see `_conv2d_xla`).
+  """
+  if kernel.shape[:2] == (1, 1) and padding == 0:
+    xs = x[:, ::stride, ::stride, :] if stride > 1 else x
+    b, h, w, c = xs.shape
+    y = lax.dot_general(xs.reshape(b * h * w, c), kernel.reshape(c, -1), (((1,), (0,)), ((), ())))
+    return y.reshape(b, h, w, kernel.shape[-1])
+  return _conv2d_xla(x, kernel, stride, padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv2d_xla(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+  """XLA's convolution, with the kernel gradient as one matrix product per kernel tap,
+  (N, C)^T (N, O) over the N = B * H_out * W_out output positions. XLA:CPU lowers the
+  kernel gradient of a convolution to a generic, slow loop (2-7x slower than these
+  products at the decoder's shapes); on accelerators both are matrix products.
   """
   return _conv(x, kernel, stride, padding)
 
@@ -80,7 +97,7 @@ def _conv2d_bwd(stride, padding, residuals, g):
   return dx, kernel_grad(x, g, kernel.shape[0], stride, padding).astype(kernel.dtype)
 
 
-conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+_conv2d_xla.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
 def kernel_grad(x: jax.Array, g: jax.Array, size: int, stride: int, padding: int) -> jax.Array:
