@@ -78,9 +78,10 @@ def test_demo_command_on_a_folder_it_did_not_generate(tmp_path):
 def test_the_demo_as_shipped_finds_defects_better_than_chance(tmp_path):
   """The README's demo command as a user runs it (another category), the benchmark
   generated into an empty cache; only the tests' XLA optimization flag differs (see
-  conftest), which changes rounding. A random teacher gives weak figures (README,
-  Results: grass 61.6 / 75.1 / 35.0, and 52.2 / 76.3 / 33.2 under that flag), so image
-  AUROC, within noise of chance, is not asserted; the localization figures are well
+  conftest), which changes rounding. A random teacher gives weak figures on grass (see
+  the README's Results; an earlier version of the code gave 52.2 / 76.3 / 33.2 under
+  that flag), so image AUROC, within noise of chance, is not asserted; the localization
+  figures are well
   above what a random map gets (0.5 pixel AUROC, about 0.15 AU-PRO up to 30 % false
   positives)."""
   env = dict(os.environ, MSRD_JAX_CACHE=str(tmp_path / 'cache'))
