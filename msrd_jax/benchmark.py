@@ -118,6 +118,15 @@ class Program:
     return run
 
 
+def _seconds_per_call(run: Callable[[], object], calls: int) -> float:
+  """Wall time of `calls` calls of `run`, waited for, per call."""
+  start = time.perf_counter()
+  for _ in range(calls):
+    out = run()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / calls
+
+
 def measure(program: Program, iters: int, repeats: int) -> Measurement:
   """Compiles the program, then times it: `repeats` windows of `iters` calls."""
   start = time.perf_counter()
@@ -125,13 +134,7 @@ def measure(program: Program, iters: int, repeats: int) -> Measurement:
   compile_seconds = time.perf_counter() - start
   run = program.runner(compiled)
   jax.block_until_ready(run())  # warm-up
-  windows = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    for _ in range(iters):
-      out = run()
-    jax.block_until_ready(out)
-    windows.append((time.perf_counter() - start) / iters)
+  windows = [_seconds_per_call(run, iters) for _ in range(repeats)]
   flops = _flops(compiled)
   return Measurement(
     program.what,
@@ -207,11 +210,7 @@ def profile_program(program: Program, calls: int, top: int) -> str:
   compiled = program.compile()
   run = program.runner(compiled)
   jax.block_until_ready(run())  # warm-up
-  start = time.perf_counter()
-  for _ in range(calls):
-    out = run()
-  jax.block_until_ready(out)
-  wall = (time.perf_counter() - start) / calls
+  wall = _seconds_per_call(run, calls)
   times = profiling.profile(compiled, run, calls)
   head = (
     f'{program.what} {program.config_like[0]} {program.config_like[1]}px batch '

@@ -63,7 +63,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Ar
   rounding, computed the way XLA:CPU does fastest:
   - a 1x1 convolution without padding is a matrix product, (B * H * W, C) x (C, O), of
     the input's every `stride`-th row and column. XLA:CPU's convolution of a 1x1 kernel
-    is 1.4-5x slower forward than that product at the decoder's and teacher's shapes
+    is 1.4-5.5x slower forward than that product at the decoder's and teacher's shapes
     (`python scripts/bench_convs.py`; README, Speed);
   - otherwise XLA's convolution, with the kernel gradient as one matrix product per
     kernel tap (see `_conv2d_xla`).

@@ -125,8 +125,9 @@ def _trace_events(trace_dir: str) -> Iterable[tuple[str, str, float]]:
 def profile(compiled, call: Callable[[], object], calls: int = 3) -> list[OpTime]:
   """Traces `calls` calls of `call()` (which runs `compiled` and returns its output);
   returns each operation's time per call, slowest first."""
-  instructions = parse_hlo(compiled.as_text())
-  module = compiled.as_text().split(',', 1)[0].removeprefix('HloModule ').strip()
+  text = compiled.as_text()
+  instructions = parse_hlo(text)
+  module = text.split(',', 1)[0].removeprefix('HloModule ').strip()
   totals: dict[str, float] = collections.defaultdict(float)
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir):

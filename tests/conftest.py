@@ -87,6 +87,16 @@ def tiny_config(root: str, category: str = 'brick', steps: int = 6):
   return c
 
 
+def set_field(config, dotted: str, value) -> None:
+  """config.<dotted> = value, whatever the field's current type (e.g. None -> float)."""
+  *parents, name = dotted.split('.')
+  node = config
+  for p in parents:
+    node = node[p]
+  with node.ignore_type():
+    node[name] = value
+
+
 def mtimes(top) -> dict[str, float]:
   """Modification time of every file under `top`, by path: equal before and after means
   nothing was written."""

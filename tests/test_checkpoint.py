@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
-from conftest import cli, mtimes
+from conftest import cli, mtimes, set_field
 from flax.traverse_util import flatten_dict
 
 from msrd_jax import checkpoint, teacher
@@ -32,15 +32,6 @@ def _identity_leaves(config) -> list[str]:
   return sorted(checkpoint.identity(config))
 
 
-def _set(config, dotted: str, value) -> None:
-  *parents, name = dotted.split('.')
-  node = config
-  for p in parents:
-    node = node[p]
-  with node.ignore_type():
-    node[name] = value
-
-
 @pytest.fixture(scope='module')
 def saved_run(run_with_teacher_file):
   """(config, workdir, teacher fingerprint) of a trained run."""
@@ -61,7 +52,7 @@ def test_every_identity_field_is_compared_and_named(saved_run):
     for field in leaves:
       other = copy.deepcopy(config)
       old = checkpoint._get(other, field)
-      _set(other, field, _changed(old))
+      set_field(other, field, _changed(old))
       with pytest.raises(checkpoint.CheckpointMismatch) as e:
         wd.check_compatible(other, fingerprint)
       listed = str(e.value).split('Differences:\n')[1].splitlines()

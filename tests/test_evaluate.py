@@ -81,9 +81,8 @@ def test_the_demo_as_shipped_finds_defects_better_than_chance(tmp_path):
   conftest), which changes rounding. A random teacher gives weak figures on grass (see
   the README's Results; an earlier version of the code gave 52.2 / 76.3 / 33.2 under
   that flag), so image AUROC, within noise of chance, is not asserted; the localization
-  figures are well
-  above what a random map gets (0.5 pixel AUROC, about 0.15 AU-PRO up to 30 % false
-  positives)."""
+  figures are well above what a random map gets (0.5 pixel AUROC, about 0.15 AU-PRO up
+  to 30 % false positives)."""
   env = dict(os.environ, MSRD_JAX_CACHE=str(tmp_path / 'cache'))
   done = subprocess.run(
     [

@@ -29,7 +29,7 @@ import flax
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import set_field, tiny_config
 
 from msrd_jax import evaluate, inference, train
 from msrd_jax.data import list_samples
@@ -66,12 +66,7 @@ def _config(root, field=None, value=None):
   c.train.checkpoint_every_steps = 1
   c.eval.after_training = False
   if field is not None:
-    section, _, name = field.rpartition('.')
-    node = c
-    for part in section.split('.'):
-      node = node[part]
-    with node.ignore_type():
-      node[name] = value
+    set_field(c, field, value)
   return c
 
 
@@ -86,6 +81,11 @@ def _trained(root, workdir, field=None, value=None):
 
 def _scores(run, samples):
   return evaluate.score_split(run, samples).scores
+
+
+def _under_base_model(run, base_config):
+  """The same checkpoint, scored by the model the base config builds."""
+  return dataclasses.replace(run, config=copy.deepcopy(base_config), model=MSRD(base_config))
 
 
 def _tree(variables):
@@ -116,8 +116,7 @@ def test_field_reaches_training_and_evaluation(base, synthetic_root, tmp_path, f
   if reach == 'forward':
     assert _tree(run.student_vars) == _tree(base_run.student_vars)
     # The same checkpoint under the base model: only the field differs.
-    other = dataclasses.replace(run, config=copy.deepcopy(base_config), model=MSRD(base_config))
-    got, without = _scores(run, samples), _scores(other, samples)
+    got, without = _scores(run, samples), _scores(_under_base_model(run, base_config), samples)
     assert np.abs(got - without).max() > 1e-4 * np.abs(got).max(), field
   elif reach == 'tree':
     assert _tree(run.student_vars) != _tree(base_run.student_vars)
@@ -126,5 +125,5 @@ def test_field_reaches_training_and_evaluation(base, synthetic_root, tmp_path, f
     base_leaves = jax.tree_util.tree_leaves(base_run.teacher_vars)
     assert any(not np.array_equal(a, b) for a, b in zip(leaves, base_leaves, strict=True))
   else:  # init or loss: training only; the maps are the same function of the parameters
-    other = dataclasses.replace(run, config=copy.deepcopy(base_config), model=MSRD(base_config))
+    other = _under_base_model(run, base_config)
     np.testing.assert_allclose(_scores(run, samples), _scores(other, samples), rtol=1e-5)

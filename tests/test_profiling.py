@@ -17,19 +17,20 @@ def _loss(x, kernel, w):
   return jnp.sum(jnp.tanh(y.reshape(-1, y.shape[-1]) @ w))
 
 
-def _compiled():
+@pytest.fixture(scope='module')
+def compiled_and_args():
+  """The gradient of `_loss`, compiled once for both tests, and its arguments."""
   rng = np.random.default_rng(0)
   args = (
     jnp.asarray(rng.normal(size=(2, 24, 24, 16)), jnp.float32),
     jnp.asarray(rng.normal(size=(3, 3, 16, 32)), jnp.float32),
     jnp.asarray(rng.normal(size=(32, 8)), jnp.float32),
   )
-  fn = jax.jit(jax.grad(_loss, argnums=(1, 2)))
-  return fn.lower(*args).compile(), fn, args
+  return jax.jit(jax.grad(_loss, argnums=(1, 2))).lower(*args).compile(), args
 
 
-def test_parse_hlo_finds_every_instruction_with_its_kind_and_origin():
-  compiled, _, _ = _compiled()
+def test_parse_hlo_finds_every_instruction_with_its_kind_and_origin(compiled_and_args):
+  compiled, _ = compiled_and_args
   text = compiled.as_text()
   instructions = profiling.parse_hlo(text)
   # Every instruction line of the text is parsed (parameters and constants included).
@@ -44,8 +45,8 @@ def test_parse_hlo_finds_every_instruction_with_its_kind_and_origin():
   assert any('transpose(' in i.op_name for i in instructions.values())
 
 
-def test_profile_times_the_operations_of_the_program_it_ran():
-  compiled, _, args = _compiled()
+def test_profile_times_the_operations_of_the_program_it_ran(compiled_and_args):
+  compiled, args = compiled_and_args
   times = profiling.profile(compiled, lambda: compiled(*args), calls=2)
   instructions = profiling.parse_hlo(compiled.as_text())
   assert times and all(t.instruction.name in instructions for t in times)
