@@ -33,23 +33,18 @@ gives the same bytes whatever categories are generated together.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-import shutil
 import sys
-import tempfile
-import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import skimage.color
 import skimage.data
-from PIL import Image
 from scipy import ndimage
 
+from msrd_jax.data import generated
 from msrd_jax.data.errors import DataError
 
 VERSION = 1
@@ -339,159 +334,55 @@ def render_sample(
   return _paint(normal, defect, mask), mask, normal
 
 
-def _save_png(array: np.ndarray, path: str):
-  Image.fromarray(array).save(path, format='PNG', compress_level=6)
+def _benchmark() -> generated.Benchmark:
+  """This benchmark as its marker records it (the counts read at call time)."""
+  counts = {'train': NUM_TRAIN, 'test_good': NUM_TEST_GOOD, 'per_defect': NUM_PER_DEFECT}
+  return generated.Benchmark(
+    'synthetic', MARKER, VERSION, CATEGORIES, DEFECT_TYPES, counts, IMAGE_SIZE
+  )
 
 
-def generate_category(
-  out_root: str,
-  category: str,
-  seed: int,
-  sources: Sources | None = None,
-  num_train: int = NUM_TRAIN,
-  num_test_good: int = NUM_TEST_GOOD,
-  num_per_defect: int = NUM_PER_DEFECT,
-):
+def generate_category(out_root: str, category: str, seed: int, sources: Sources | None = None):
   """Writes one category in the MVTec AD layout under `out_root/category`."""
   sources = sources or Sources()
-  base = os.path.join(out_root, category)
-  jobs = [('train', 'good', num_train), ('test', 'good', num_test_good)]
-  jobs += [('test', d, num_per_defect) for d in DEFECT_TYPES]
-  for split, defect, count in jobs:
-    folder = os.path.join(base, split, defect)
-    os.makedirs(folder, exist_ok=True)
-    if defect != 'good':
-      os.makedirs(os.path.join(base, 'ground_truth', defect), exist_ok=True)
-    for i in range(count):
-      image, mask, _ = render_sample(category, split, defect, i, seed, sources)
-      _save_png(image, os.path.join(folder, f'{i:03d}.png'))
-      if mask is not None:
-        mask_name = f'{i:03d}_mask.png'
-        _save_png(
-          mask.astype(np.uint8) * 255, os.path.join(base, 'ground_truth', defect, mask_name)
-        )
+  bench = _benchmark()
+
+  def render(split, defect, index):
+    return render_sample(category, split, defect, index, seed, sources)
+
+  generated.write_category(out_root, category, DEFECT_TYPES, bench.counts, render)
 
 
-def _marker_content(seed: int, categories: Sequence[str]) -> dict:
-  return {
-    'format': 'msrd_jax synthetic benchmark',
-    'version': VERSION,
-    'seed': seed,
-    'categories': sorted(categories),
-    'counts': {'train': NUM_TRAIN, 'test_good': NUM_TEST_GOOD, 'per_defect': NUM_PER_DEFECT},
-    'image_size': IMAGE_SIZE,
-  }
-
-
-def read_marker(root: str) -> dict | None:
+def read_marker(root: str | os.PathLike) -> dict | None:
   """The marker of a complete benchmark at `root`, or None."""
-  try:
-    with open(os.path.join(root, MARKER)) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
-def _is_complete(marker: dict | None, seed: int, categories: Sequence[str]) -> bool:
-  if not marker:
-    return False
-  expected = _marker_content(seed, categories)
-  return (
-    marker.get('version') == VERSION
-    and marker.get('seed') == seed
-    and marker.get('counts') == expected['counts']
-    and set(categories) <= set(marker.get('categories', ()))
-  )
+  return _benchmark().read_marker(root)
 
 
 def ensure_synthetic(
-  root: str | os.PathLike, seed: int = 0, categories: Sequence[str] | None = None
+  root: str | os.PathLike,
+  seed: int = 0,
+  categories: Sequence[str] | None = None,
+  progress: Callable[[str], None] | None = None,
 ) -> str:
-  """Generates the benchmark into `root` unless a complete one is there.
+  """The synthetic benchmark of `seed` in `root` (absolute), generated unless complete.
 
-  Generation goes to a temporary sibling folder that is renamed to `root` at
-  the end, with the marker file (version, seed, categories) written last, so an
-  interrupted run never leaves a benchmark that looks complete. A previous
-  benchmark at `root` with another version/seed/categories is replaced; any
-  other non-empty folder at `root` is refused.
-
-  Args:
-    root: the benchmark root (it will hold one folder per category).
-    seed: the benchmark seed.
-    categories: the categories needed; None means all of CATEGORIES.
-
-  Returns:
-    `root` as an absolute path, to use as `config.data.root`.
+  `generated.ensure` says how: atomically, its marker written last, another version or
+  seed replaced, a foreign non-empty folder refused (DataError). categories: None for
+  all of CATEGORIES; progress: called with a line after each category.
   """
-  root = os.path.abspath(os.fspath(root))
-  categories = tuple(categories or CATEGORIES)
-  unknown = [c for c in categories if c not in CATEGORIES]
-  if unknown:
-    raise DataError(f'unknown synthetic categories {unknown}; choose from {", ".join(CATEGORIES)}')
-  if _is_complete(read_marker(root), seed, categories):
-    return root
-  if os.path.exists(root):
-    if not os.path.isdir(root):
-      raise DataError(f'{root} exists and is not a folder')
-    if read_marker(root) is None and os.listdir(root):
-      raise DataError(
-        f'{root} is not empty and holds no {MARKER}: it is not a synthetic '
-        'benchmark; refusing to overwrite it. Choose another folder.'
-      )
-  parent = os.path.dirname(root)
-  os.makedirs(parent, exist_ok=True)
-  name = os.path.basename(root)
-  tmp = tempfile.mkdtemp(prefix=f'.{name}.tmp-', dir=parent)
-  trash = None
-  try:
-    sources = Sources()
-    for category in categories:
-      generate_category(tmp, category, seed, sources)
-    with open(os.path.join(tmp, MARKER), 'w') as f:
-      json.dump(_marker_content(seed, categories), f, indent=1)
-    if os.path.isdir(root) and os.listdir(root):
-      trash = tempfile.mkdtemp(prefix=f'.{name}.old-', dir=parent)
-      os.rename(root, os.path.join(trash, name))
-    try:
-      os.rename(tmp, root)
-    except OSError:
-      # Another process may have finished first.
-      if _is_complete(read_marker(root), seed, categories):
-        return root
-      raise
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if trash:
-      shutil.rmtree(trash, ignore_errors=True)
-  return root
+  sources = Sources()  # the photographs, loaded once for all categories
+  return generated.ensure(
+    _benchmark(),
+    root,
+    seed,
+    categories,
+    lambda out, category: generate_category(out, category, seed, sources),
+    progress,
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-    prog='python -m msrd_jax.data.synthetic',
-    description='Generate the synthetic anomaly-detection benchmark.',
-  )
-  parser.add_argument('out_dir')
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument(
-    '--categories',
-    default=','.join(CATEGORIES),
-    help=f'comma-separated subset of {",".join(CATEGORIES)}',
-  )
-  args = parser.parse_args(argv)
-  categories = [c for c in args.categories.split(',') if c]
-  start = time.perf_counter()
-  try:
-    root = ensure_synthetic(args.out_dir, args.seed, categories)
-  except DataError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  print(
-    f'synthetic benchmark (seed {args.seed}, categories '
-    f'{", ".join(categories)}) ready in {root} '
-    f'({time.perf_counter() - start:.1f} s)'
-  )
-  return 0
+  return generated.main(_benchmark(), ensure_synthetic, argv)
 
 
 if __name__ == '__main__':
