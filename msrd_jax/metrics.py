@@ -580,3 +580,19 @@ def evaluate_all(scores, labels, amaps, masks, fpr_limit: float = 0.3) -> dict[s
     'pixel_f1_max': _f1_max(pixel),
     'au_pro_rd4ad': rd4ad,
   }
+
+
+def max_near_border(amaps, band: int) -> float:
+  """The share of maps whose maximum lies within `band` pixels of the image's edge.
+
+  amaps: (N, H, W) float, N >= 1. Ties count at the first maximum in row-major order.
+  A diagnostic of the image score (the maximum of the map): when most defect-free maps
+  peak on the border, image AUROC compares border responses, not defects.
+  """
+  a = _as_scores(amaps, 'amaps')
+  if a.ndim != 3 or not a.shape[0]:
+    raise ValueError(f'amaps must be (N, H, W) with N >= 1, got shape {a.shape}')
+  n, h, w = a.shape
+  y, x = np.unravel_index(np.argmax(a.reshape(n, -1), axis=1), (h, w))
+  near = (np.minimum(y, h - 1 - y) < band) | (np.minimum(x, w - 1 - x) < band)
+  return float(np.mean(near))

@@ -59,6 +59,9 @@ def test_demo_command_on_a_folder_it_did_not_generate(tmp_path):
   assert info['checkpoint_step'] == 2
   assert info['test_images'] == 5 and info['defective_images'] == 3
   assert set(info['image_auroc_per_defect_type']) == {'crack', 'hole'}
+  border = info['max_near_border']
+  assert border['band_px'] == 16  # one stride-16 cell at the input's resolution
+  assert 0.0 <= border['good'] <= 1.0 and 0.0 <= border['defective'] <= 1.0
   _check_png(run / 'pictures' / 'examples.png')
   _check_png(run / 'pictures' / 'curves.png')
   assert 'RANDOM weights' in out.stderr  # the random teacher is announced loudly

@@ -350,3 +350,22 @@ def test_inputs_are_not_modified():
   metrics.pro_curve(amaps, masks, fpr_limit=0.3)
   np.testing.assert_array_equal(amaps, a0)
   np.testing.assert_array_equal(masks, m0)
+
+
+def test_max_near_border_counts_maps_that_peak_within_the_band():
+  rng = np.random.default_rng(0)
+  amaps = rng.random((200, 12, 9))
+  for band in (1, 2, 3):
+    expected = []
+    for m in amaps:  # the definition, written out: the peak's distance to each edge
+      y, x = divmod(int(np.argmax(m)), m.shape[1])
+      expected.append(min(y, x, m.shape[0] - 1 - y, m.shape[1] - 1 - x) < band)
+    assert metrics.max_near_border(amaps, band) == pytest.approx(np.mean(expected))
+  peaks = np.zeros((4, 10, 10))
+  peaks[0, 0, 5] = peaks[1, 5, 9] = peaks[2, 5, 5] = peaks[3, 2, 7] = 1.0
+  assert metrics.max_near_border(peaks, 1) == 0.5  # the first two: on the edge
+  assert metrics.max_near_border(peaks, 3) == 0.75  # (2, 7) is 2 px from the top
+  with pytest.raises(ValueError, match='NaN'):
+    metrics.max_near_border(np.full((1, 4, 4), np.nan), 1)
+  with pytest.raises(ValueError, match='N >= 1'):
+    metrics.max_near_border(np.zeros((0, 4, 4)), 1)
