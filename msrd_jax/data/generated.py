@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -66,6 +67,17 @@ class Benchmark:
       and marker.get('counts') == dict(self.counts)
       and set(categories) <= set(marker.get('categories', ()))
     )
+
+
+def stable_id(name: str) -> int:
+  """A number of `name` that is the same in every process and version of Python (the
+  seeds of the images are made of them; `hash` of a str is salted per process)."""
+  return zlib.crc32(name.encode())
+
+
+def to_u8(img: np.ndarray) -> np.ndarray:
+  """Float image in [0, 1] (clipped) -> uint8, rounded to the nearest level."""
+  return np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
 
 
 def save_png(array: np.ndarray, path: str):

@@ -67,7 +67,6 @@ import functools
 import math
 import os
 import sys
-import zlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -110,12 +109,9 @@ _BACKGROUNDS = {'washer': (0.2, 0.23, 0.21), 'gear': (0.5, 0.52, 0.56)}
 _CLOSING = {'hole': 1, 'specks': 2, 'warp': 2, 'worn': 1}
 
 
-def _stable_id(name: str) -> int:
-  return zlib.crc32(name.encode())
-
-
 def _rng(seed: int, category: str, split: str, defect_type: str, index: int):
-  key = [seed, _stable_id(category), _stable_id(split), _stable_id(defect_type), index]
+  names = [generated.stable_id(n) for n in (category, split, defect_type)]
+  key = [seed, *names, index]
   return np.random.default_rng(key)
 
 
@@ -131,10 +127,6 @@ def _grid() -> tuple[np.ndarray, np.ndarray]:
 def _disk(radius: int) -> np.ndarray:
   y, x = np.mgrid[-radius : radius + 1, -radius : radius + 1]
   return x * x + y * y <= radius * radius + radius
-
-
-def _to_u8(img: np.ndarray) -> np.ndarray:
-  return np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
 
 
 def _ramp(gray: np.ndarray, palette) -> np.ndarray:
@@ -409,7 +401,7 @@ def _normal(category: str, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
     img = img * (1 + rng.normal(0, 0.015, 3)).astype(np.float32)
   sigma = rng.uniform(1.2, 2.2) / 255
   img = img + sigma * rng.standard_normal(img.shape, dtype=np.float32)  # sensor noise
-  return _to_u8(img), alpha
+  return generated.to_u8(img), alpha
 
 
 # Defects: each returns the defect image (S, S, 3) float and its support (S, S)
@@ -609,7 +601,7 @@ def render_sample(
   wide = normal.astype(np.int16)
   for _ in range(MAX_DRAWS):
     defect, support = _DEFECTS[defect_type](base, rng, place)
-    defect = _to_u8(defect)
+    defect = generated.to_u8(defect)
     change = np.abs(defect.astype(np.int16) - wide).max(axis=-1)
     mask = _clean_mask(change, support, _CLOSING[defect_type])
     area = int(mask.sum())

@@ -36,7 +36,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import zlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -72,10 +71,6 @@ _ROTATIONS = {'brick': (0, 2), 'grass': (0, 1, 2, 3), 'gravel': (0, 1, 2, 3)}
 # Where defect centres may fall, in output pixels: on the object for objects.
 _DEFECT_BOX = {'coffee': (56, 200), 'coins': (36, 220)}
 _SPLIT_CODES = {'train': 0, 'test': 1}
-
-
-def _stable_id(name: str) -> int:
-  return zlib.crc32(name.encode())
 
 
 class Sources:
@@ -115,10 +110,6 @@ def _colourize(gray: np.ndarray, palette, gains=(1.0, 1.0, 1.0)) -> np.ndarray:
   return lo + (hi - lo) * gray[..., None]
 
 
-def _to_u8(img: np.ndarray) -> np.ndarray:
-  return np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
-
-
 def _texture(category: str, rng: np.random.Generator, sources: Sources) -> np.ndarray:
   """A normal texture image, (S, S, 3) uint8."""
   src = sources.gray(category)
@@ -132,7 +123,7 @@ def _texture(category: str, rng: np.random.Generator, sources: Sources) -> np.nd
   crop = (crop - mean) * rng.uniform(0.88, 1.12) + mean + rng.uniform(-0.04, 0.04)
   img = _colourize(crop, _PALETTES[category], 1 + rng.normal(0, 0.02, 3))
   img = img + rng.normal(0, 1.5 / 255, img.shape)
-  return _to_u8(img)
+  return generated.to_u8(img)
 
 
 def _object(category: str, rng: np.random.Generator, sources: Sources) -> np.ndarray:
@@ -156,7 +147,7 @@ def _object(category: str, rng: np.random.Generator, sources: Sources) -> np.nda
   ramp = (math.cos(angle) * u + math.sin(angle) * v) / s
   img = img * (rng.uniform(0.9, 1.1) + rng.uniform(0, 0.08) * ramp)[..., None]
   img = img * (1 + rng.normal(0, 0.015, 3)) + rng.normal(0, 1.5 / 255, img.shape)
-  return _to_u8(img)
+  return generated.to_u8(img)
 
 
 def _normal(category: str, rng: np.random.Generator, sources: Sources) -> np.ndarray:
@@ -286,7 +277,7 @@ _DEFECTS = {
 def _paint(normal: np.ndarray, defect: np.ndarray, mask: np.ndarray) -> np.ndarray:
   """Writes `defect` into `normal` on `mask` only, then makes every mask pixel
   differ by >= MIN_CHANGE levels. (S, S, 3) uint8."""
-  out = np.where(mask[..., None], _to_u8(defect), normal)
+  out = np.where(mask[..., None], generated.to_u8(defect), normal)
   change = np.abs(out.astype(np.int16) - normal).max(axis=-1)
   weak = mask & (change < MIN_CHANGE)
   if weak.any():
@@ -321,7 +312,8 @@ def render_sample(
     raise DataError(f'no {defect_type!r} images in the {split!r} split')
   sources = sources or Sources()
   code = 0 if defect_type == 'good' else 1 + DEFECT_TYPES.index(defect_type)
-  rng = np.random.default_rng([seed, _stable_id(category), _SPLIT_CODES[split], code, index])
+  key = [seed, generated.stable_id(category), _SPLIT_CODES[split], code, index]
+  rng = np.random.default_rng(key)
   normal = _normal(category, rng, sources)
   if defect_type == 'good':
     return normal, None, normal
