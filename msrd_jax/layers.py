@@ -56,7 +56,9 @@ def _conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Arr
   )
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+def conv2d(
+  x: jax.Array, kernel: jax.Array, stride: int, padding: int, kernel_grad_by: str | None = None
+) -> jax.Array:
   """2-D convolution, NHWC x HWIO -> NHWC, symmetric zero padding.
 
   Same values and gradients as differentiating lax.conv_general_dilated, to float32
@@ -65,23 +67,54 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Ar
     the input's every `stride`-th row and column. XLA:CPU's convolution of a 1x1 kernel
     is 1.4-5.5x slower forward than that product at the decoder's and teacher's shapes
     (`python scripts/bench_convs.py`; README, Speed);
-  - otherwise XLA's convolution, with the kernel gradient as one matrix product per
-    kernel tap (see `_conv2d_xla`).
+  - otherwise XLA's convolution, its kernel gradient computed as `kernel_grad_by` says:
+    'xla' (XLA's own) or 'taps' (one matrix product per kernel tap, see `_conv2d_taps`);
+    None chooses with `kernel_grad_method`.
   """
   if kernel.shape[:2] == (1, 1) and padding == 0:
     xs = x[:, ::stride, ::stride, :] if stride > 1 else x
     b, h, w, c = xs.shape
     y = lax.dot_general(xs.reshape(b * h * w, c), kernel.reshape(c, -1), (((1,), (0,)), ((), ())))
     return y.reshape(b, h, w, kernel.shape[-1])
-  return _conv2d_xla(x, kernel, stride, padding)
+  method = kernel_grad_by or kernel_grad_method(stride)
+  if method == 'xla':
+    return _conv(x, kernel, stride, padding)
+  if method != 'taps':
+    raise ValueError(f"kernel_grad_by must be 'xla', 'taps' or None, got {method!r}")
+  return _conv2d_taps(x, kernel, stride, padding)
+
+
+def _host_has_avx512() -> bool:
+  """Whether this host's CPU has AVX-512 (numpy's own CPU feature detection)."""
+  try:
+    from numpy._core._multiarray_umath import __cpu_features__
+  except ImportError:  # another numpy layout: assume not
+    return False
+  return bool(__cpu_features__.get('AVX512F'))
+
+
+def kernel_grad_method(stride: int) -> str:
+  """How `conv2d` computes the kernel gradient of a k x k convolution (k > 1).
+
+  'taps' (one matrix product per kernel tap) on every backend, except XLA's own ('xla')
+  for stride 1 on a CPU with AVX-512. Measured with jax 0.10.2 on XLA:CPU (README,
+  Speed): on a Zen 3 CPU (AVX2) XLA's kernel gradient was 1.9-7x slower than the taps
+  at the student's shapes; on an AVX-512 EPYC it is faster at stride 1 (the
+  wide_resnet50_2 training step takes about 8 % less time with it) and still slower
+  at stride 2 (`python scripts/bench_conv_grad.py`).
+  """
+  if stride == 1 and jax.default_backend() == 'cpu' and _host_has_avx512():
+    return 'xla'
+  return 'taps'
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv2d_xla(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+def _conv2d_taps(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
   """XLA's convolution, with the kernel gradient as one matrix product per kernel tap,
-  (N, C)^T (N, O) over the N = B * H_out * W_out output positions. XLA:CPU lowers the
-  kernel gradient of a convolution to a generic, slow loop (2-7x slower than these
-  products at the decoder's shapes); on accelerators both are matrix products.
+  (N, C)^T (N, O) over the N = B * H_out * W_out output positions. On a Zen 3 CPU
+  (AVX2), XLA:CPU lowered the kernel gradient of a convolution to a generic, slow loop
+  (2-7x slower than these products at the decoder's shapes); on accelerators both are
+  matrix products.
   """
   return _conv(x, kernel, stride, padding)
 
@@ -97,7 +130,7 @@ def _conv2d_bwd(stride, padding, residuals, g):
   return dx, kernel_grad(x, g, kernel.shape[0], stride, padding).astype(kernel.dtype)
 
 
-_conv2d_xla.defvjp(_conv2d_fwd, _conv2d_bwd)
+_conv2d_taps.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
 def kernel_grad(x: jax.Array, g: jax.Array, size: int, stride: int, padding: int) -> jax.Array:

@@ -36,13 +36,14 @@ def _reference(x, kernel, stride, padding):
     (1, 3, (10, 7)),
   ],
 )
-def test_conv2d_values_and_gradients_match_xla(size, stride, hw):
+@pytest.mark.parametrize('kernel_grad_by', ['taps', 'xla', None])
+def test_conv2d_values_and_gradients_match_xla(size, stride, hw, kernel_grad_by):
   rng = np.random.default_rng(size * 10 + stride)
   x = jnp.asarray(rng.normal(size=(2, *hw, 5)), jnp.float32)
   k = jnp.asarray(rng.normal(size=(size, size, 5, 6)), jnp.float32)
   pad = size // 2
   want, want_vjp = jax.vjp(lambda x, k: _reference(x, k, stride, pad), x, k)
-  got, got_vjp = jax.vjp(lambda x, k: layers.conv2d(x, k, stride, pad), x, k)
+  got, got_vjp = jax.vjp(lambda x, k: layers.conv2d(x, k, stride, pad, kernel_grad_by), x, k)
   if size > 1:  # XLA's own forward
     np.testing.assert_array_equal(got, want)
   else:  # a matrix product: the same sums in another order
@@ -50,6 +51,27 @@ def test_conv2d_values_and_gradients_match_xla(size, stride, hw):
   g = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
   for a, b in zip(got_vjp(g), want_vjp(g)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+@pytest.mark.parametrize(
+  'backend,avx512,stride,want',
+  [
+    ('cpu', True, 1, 'xla'),
+    ('cpu', True, 2, 'taps'),
+    ('cpu', False, 1, 'taps'),
+    ('gpu', True, 1, 'taps'),
+  ],
+)
+def test_kernel_grad_method_follows_the_measurements(monkeypatch, backend, avx512, stride, want):
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  monkeypatch.setattr(layers, '_host_has_avx512', lambda: avx512)
+  assert layers.kernel_grad_method(stride) == want
+
+
+def test_conv2d_rejects_an_unknown_kernel_gradient_method():
+  x, k = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
+  with pytest.raises(ValueError, match='kernel_grad_by'):
+    layers.conv2d(x, k, 1, 1, 'fast')
 
 
 def test_conv_module_is_flax_conv_with_pytorch_padding():
