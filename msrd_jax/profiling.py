@@ -33,6 +33,8 @@ _COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+) \(.*\{\s*$')
 _CALLS = re.compile(r'calls=%?([\w.\-]+)')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 # What makes a fused computation costly, in order of precedence.
+# The group of an operation that carries no JAX operation name.
+UNNAMED = '(no JAX operation name)'
 _HEAVY = ('convolution', 'dot', 'custom-call', 'reduce-window', 'reduce', 'scatter', 'gather')
 
 
@@ -56,7 +58,10 @@ class OpTime:
 
   @property
   def direction(self) -> str:
-    """'backward' for the transpose (gradient) pass of a differentiated function."""
+    """'backward' for the transpose (gradient) pass of a differentiated function,
+    'unknown' for an operation XLA made without a JAX operation name."""
+    if not self.instruction.op_name:
+      return UNNAMED
     return 'backward' if 'transpose(' in self.instruction.op_name else 'forward'
 
   @property
@@ -64,14 +69,20 @@ class OpTime:
     """The module path of the operation, without JAX's transformation wrappers, up to
     two levels (e.g. 'decoder/level3_0'); '(outside the modules)' for the loss, the
     optimizer and what XLA added."""
+    if not self.instruction.op_name:
+      return UNNAMED
     path = [p for p in self.instruction.op_name.split('/')[1:] if p and '(' not in p]
     return '/'.join(path[:-1][:2]) or '(outside the modules)'
 
   @property
   def network(self) -> str:
     """'teacher', 'student' or 'loss and optimizer' (what the model's named scopes and
-    the student's module tree say; operations XLA made up count as the last)."""
+    the student's module tree say), or UNNAMED for an operation that XLA made without
+    a JAX operation name (e.g. the kernel gradient of a convolution that XLA
+    differentiates itself)."""
     name = self.instruction.op_name
+    if not name:
+      return UNNAMED
     if 'Teacher' in name:
       return 'teacher'
     return 'student' if 'Student' in name else 'loss and optimizer'
