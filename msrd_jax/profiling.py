@@ -32,9 +32,9 @@ _INSTRUCTION = re.compile(
 _COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+) \(.*\{\s*$')
 _CALLS = re.compile(r'calls=%?([\w.\-]+)')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
-# What makes a fused computation costly, in order of precedence.
 # The group of an operation that carries no JAX operation name.
 UNNAMED = '(no JAX operation name)'
+# What makes a fused computation costly, in order of precedence.
 _HEAVY = ('convolution', 'dot', 'custom-call', 'reduce-window', 'reduce', 'scatter', 'gather')
 
 
@@ -59,7 +59,7 @@ class OpTime:
   @property
   def direction(self) -> str:
     """'backward' for the transpose (gradient) pass of a differentiated function,
-    'unknown' for an operation XLA made without a JAX operation name."""
+    UNNAMED for an operation XLA made without a JAX operation name."""
     if not self.instruction.op_name:
       return UNNAMED
     return 'backward' if 'transpose(' in self.instruction.op_name else 'forward'
