@@ -29,7 +29,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from msrd_jax import files, inference, profiling, teacher, train
+from msrd_jax import cli, files, inference, profiling, teacher, train
 from msrd_jax import model as model_lib
 
 FLAGS = flags.FLAGS
@@ -294,4 +294,5 @@ if __name__ == '__main__':
   flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')
   flags.DEFINE_enum('program', 'train', ['train', 'infer'], 'profile: which program.')
   flags.DEFINE_integer('top', 25, 'profile: how many of the slowest operations to list.')
-  app.run(main)
+  # A user error (a config field, $MSRD_JAX_KERNEL_GRAD) is one line and exit status 2.
+  app.run(lambda argv: cli.exit_on_user_error(main, argv))

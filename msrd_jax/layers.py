@@ -12,12 +12,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from msrd_jax.errors import UserError
 
 BN_EPS = 1e-5
 # PyTorch's BatchNorm momentum 0.1 weighs the new batch; Flax's weighs the old average.
@@ -84,6 +87,7 @@ def conv2d(
   return _conv2d_taps(x, kernel, stride, padding)
 
 
+@functools.cache
 def _host_has_avx512() -> bool:
   """Whether this host's CPU has AVX-512 (numpy's own CPU feature detection)."""
   try:
@@ -91,6 +95,10 @@ def _host_has_avx512() -> bool:
   except ImportError:  # another numpy layout: assume not
     return False
   return bool(__cpu_features__.get('AVX512F'))
+
+
+# Environment variable that forces the kernel-gradient method of `conv2d`.
+KERNEL_GRAD_ENV = 'MSRD_JAX_KERNEL_GRAD'
 
 
 def kernel_grad_method(stride: int) -> str:
@@ -102,7 +110,14 @@ def kernel_grad_method(stride: int) -> str:
   at the student's shapes; on an AVX-512 EPYC it is faster at stride 1 (the
   wide_resnet50_2 training step takes about 7 % less time with it for MSRD, 2 % for
   plain RD4AD) and still slower at stride 2 (`python scripts/bench_conv_grad.py`).
+  Only those two CPUs were measured: `$MSRD_JAX_KERNEL_GRAD` set to 'xla' or 'taps'
+  chooses for every convolution, to compare the two on another machine.
   """
+  forced = os.environ.get(KERNEL_GRAD_ENV)
+  if forced:
+    if forced not in ('xla', 'taps'):
+      raise UserError(f"${KERNEL_GRAD_ENV} must be 'xla' or 'taps', got {forced!r}")
+    return forced
   if stride == 1 and jax.default_backend() == 'cpu' and _host_has_avx512():
     return 'xla'
   return 'taps'

@@ -60,3 +60,19 @@ def test_benchmark_command_prints_and_writes_its_figures(command, tmp_path):
     # XLA counts the FLOPs of the compiled program: far more than one MAC per pixel.
     assert f['flops_per_image'] > 64 * 64 * 1000
     assert f'{f["images_per_second"]:8.2f} images/s' in done.stdout
+
+
+def test_a_bad_kernel_gradient_setting_is_one_error_line(monkeypatch):
+  """$MSRD_JAX_KERNEL_GRAD (README, Speed) as a user sets it for the benchmark."""
+  monkeypatch.setenv('MSRD_JAX_KERNEL_GRAD', 'fast')
+  done = cli(
+    'msrd_jax.benchmark',
+    'train',
+    '--config',
+    'configs/synthetic.py',
+    '--config.data.image_size=64',
+    '--config.train.batch_size=2',
+  )
+  assert done.returncode == 2, done.stderr[-2000:]
+  assert "error: $MSRD_JAX_KERNEL_GRAD must be 'xla' or 'taps'" in done.stderr
+  assert 'Traceback' not in done.stderr

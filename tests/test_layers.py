@@ -10,6 +10,7 @@ import pytest
 from jax import lax
 
 from msrd_jax import layers
+from msrd_jax.errors import UserError
 
 
 def _reference(x, kernel, stride, padding):
@@ -63,9 +64,25 @@ def test_conv2d_values_and_gradients_match_xla(size, stride, hw, kernel_grad_by)
   ],
 )
 def test_kernel_grad_method_follows_the_measurements(monkeypatch, backend, avx512, stride, want):
+  monkeypatch.delenv(layers.KERNEL_GRAD_ENV, raising=False)
   monkeypatch.setattr(jax, 'default_backend', lambda: backend)
   monkeypatch.setattr(layers, '_host_has_avx512', lambda: avx512)
   assert layers.kernel_grad_method(stride) == want
+
+
+@pytest.mark.parametrize('forced', ['taps', 'xla'])
+def test_the_environment_forces_the_kernel_gradient_method(monkeypatch, forced):
+  monkeypatch.setenv(layers.KERNEL_GRAD_ENV, forced)
+  for backend, avx512, stride in [('cpu', True, 1), ('cpu', False, 2), ('gpu', False, 1)]:
+    monkeypatch.setattr(jax, 'default_backend', lambda b=backend: b)
+    monkeypatch.setattr(layers, '_host_has_avx512', lambda a=avx512: a)
+    assert layers.kernel_grad_method(stride) == forced
+
+
+def test_a_bad_kernel_gradient_environment_value_is_a_user_error(monkeypatch):
+  monkeypatch.setenv(layers.KERNEL_GRAD_ENV, 'fast')
+  with pytest.raises(UserError, match=layers.KERNEL_GRAD_ENV):
+    layers.kernel_grad_method(1)
 
 
 def test_conv2d_rejects_an_unknown_kernel_gradient_method():
