@@ -60,7 +60,12 @@ def _conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Arr
 
 
 def conv2d(
-  x: jax.Array, kernel: jax.Array, stride: int, padding: int, kernel_grad_by: str | None = None
+  x: jax.Array,
+  kernel: jax.Array,
+  stride: int,
+  padding: int,
+  kernel_grad_by: str | None = None,
+  patches: bool | None = None,
 ) -> jax.Array:
   """2-D convolution, NHWC x HWIO -> NHWC, symmetric zero padding.
 
@@ -70,21 +75,72 @@ def conv2d(
     the input's every `stride`-th row and column. XLA:CPU's convolution of a 1x1 kernel
     is 1.4-5.5x slower forward than that product at the decoder's and teacher's shapes
     (`python scripts/bench_convs.py`; README, Speed);
+  - a convolution with few output positions per image (`use_patches`) on XLA:CPU is one
+    matrix product over the input's k * k shifted copies (`_conv2d_patches`), forward
+    and backward;
   - otherwise XLA's convolution, its kernel gradient computed as `kernel_grad_by` says:
     'xla' (XLA's own) or 'taps' (one matrix product per kernel tap, see `_conv2d_taps`);
     None chooses with `kernel_grad_method`.
+  `patches` True or False forces or forbids the patches product; None chooses.
   """
   if kernel.shape[:2] == (1, 1) and padding == 0:
     xs = x[:, ::stride, ::stride, :] if stride > 1 else x
     b, h, w, c = xs.shape
     y = lax.dot_general(xs.reshape(b * h * w, c), kernel.reshape(c, -1), (((1,), (0,)), ((), ())))
     return y.reshape(b, h, w, kernel.shape[-1])
-  method = kernel_grad_by or kernel_grad_method(stride)
-  if method == 'xla':
+  if kernel_grad_by not in ('xla', 'taps', None):
+    raise ValueError(f"kernel_grad_by must be 'xla', 'taps' or None, got {kernel_grad_by!r}")
+  if patches is None:
+    patches = use_patches(
+      _output_side(x.shape[1], kernel.shape[0], stride, padding),
+      _output_side(x.shape[2], kernel.shape[1], stride, padding),
+    )
+  if patches:
+    return _conv2d_patches(x, kernel, stride, padding)
+  if (kernel_grad_by or kernel_grad_method(stride)) == 'xla':
     return _conv(x, kernel, stride, padding)
-  if method != 'taps':
-    raise ValueError(f"kernel_grad_by must be 'xla', 'taps' or None, got {method!r}")
   return _conv2d_taps(x, kernel, stride, padding)
+
+
+# A convolution whose output has at most this many positions per image is one matrix
+# product over shifted copies of its input on XLA:CPU (`use_patches`).
+PATCHES_MAX_POSITIONS = 64
+
+
+def _output_side(n: int, k: int, stride: int, padding: int) -> int:
+  return (n + 2 * padding - k) // stride + 1
+
+
+def use_patches(out_h: int, out_w: int) -> bool:
+  """Whether `conv2d` computes a k x k convolution with out_h x out_w outputs per image
+  as one matrix product over the k * k shifted copies of its input (`_conv2d_patches`).
+
+  On XLA:CPU, for outputs of at most PATCHES_MAX_POSITIONS (8 x 8) positions per image.
+  XLA:CPU's convolution is slow there, and most where the kernel is large: the OCE's
+  3x3 convolutions of 1024 channels at 8 x 8 (wide_resnet50_2 at 256 px) take 21 ms
+  forward at batch 1 against 4.3 ms for the product, and 122 ms forward and backward at
+  batch 8 against 47 ms; over every kernel of 256 to 2048 channels measured at 4 x 4
+  and 8 x 8 outputs, stride 1 and 2, the product is 0.9-5x as fast forward and 1.1-5.4x
+  forward and backward at batch 8. At 16 x 16 it is up to 2.8x slower, at the
+  decoder's 64 x 64 five times (jax 0.10.2, `python scripts/bench_convs.py --batch 1`
+  and `--batch 8`; README, Speed). Other backends keep their own convolution.
+  """
+  return jax.default_backend() == 'cpu' and out_h * out_w <= PATCHES_MAX_POSITIONS
+
+
+def _conv2d_patches(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+  """The convolution as (B * Ho * Wo, k * k * C) x (k * k * C, O): the padded input's
+  k * k strided slices, one per kernel tap, side by side along the channels, in the
+  kernel's (row, column, channel) order. Differentiated by JAX: the kernel gradient is
+  the transposed product, the input gradient one product and k * k padded additions."""
+  kh, kw, c, o = kernel.shape
+  b = x.shape[0]
+  ho = _output_side(x.shape[1], kh, stride, padding)
+  wo = _output_side(x.shape[2], kw, stride, padding)
+  taps = _tap_inputs(x, kh, kw, ho, wo, stride, padding)
+  cols = jnp.concatenate(taps, axis=-1).reshape(b * ho * wo, kh * kw * c)
+  y = lax.dot_general(cols, kernel.reshape(kh * kw * c, o), (((1,), (0,)), ((), ())))
+  return y.reshape(b, ho, wo, o)
 
 
 @functools.cache
@@ -155,25 +211,36 @@ def kernel_grad(x: jax.Array, g: jax.Array, size: int, stride: int, padding: int
   and the matching columns; its gradient is that strided slice times g, summed over
   every output position.
   """
-  b, _, _, c = x.shape
+  c = x.shape[-1]
   _, ho, wo, o = g.shape
-  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
   g2 = g.reshape(-1, o)
   # Accumulate in float32 at least (bfloat16 compute), in float64 when asked for.
   acc = jnp.promote_types(jnp.result_type(x, g), jnp.float32)
-  taps = []
-  for i in range(size):
-    for j in range(size):
-      xs = lax.slice(
-        xp,
-        (0, i, j, 0),
-        (b, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
-        (1, stride, stride, 1),
-      )
-      taps.append(
-        lax.dot_general(xs.reshape(-1, c), g2, (((0,), (0,)), ((), ())), preferred_element_type=acc)
-      )
+  taps = [
+    lax.dot_general(xs.reshape(-1, c), g2, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+    for xs in _tap_inputs(x, size, size, ho, wo, stride, padding)
+  ]
   return jnp.stack(taps).reshape(size, size, c, o)
+
+
+def _tap_inputs(
+  x: jax.Array, kh: int, kw: int, ho: int, wo: int, stride: int, padding: int
+) -> list[jax.Array]:
+  """What each kernel tap (i, j) of a kh x kw convolution sees, in row-major tap order:
+  the zero-padded input at rows i, i + s, ..., i + (ho - 1) s and the matching columns,
+  (B, ho, wo, C) each."""
+  b, _, _, c = x.shape
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  return [
+    lax.slice(
+      xp,
+      (0, i, j, 0),
+      (b, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
+      (1, stride, stride, 1),
+    )
+    for i in range(kh)
+    for j in range(kw)
+  ]
 
 
 class Conv(nn.Module):

@@ -44,7 +44,8 @@ def test_conv2d_values_and_gradients_match_xla(size, stride, hw, kernel_grad_by)
   k = jnp.asarray(rng.normal(size=(size, size, 5, 6)), jnp.float32)
   pad = size // 2
   want, want_vjp = jax.vjp(lambda x, k: _reference(x, k, stride, pad), x, k)
-  got, got_vjp = jax.vjp(lambda x, k: layers.conv2d(x, k, stride, pad, kernel_grad_by), x, k)
+  conv = lambda x, k: layers.conv2d(x, k, stride, pad, kernel_grad_by, patches=False)
+  got, got_vjp = jax.vjp(conv, x, k)
   if size > 1:  # XLA's own forward
     np.testing.assert_array_equal(got, want)
   else:  # a matrix product: the same sums in another order
@@ -52,6 +53,49 @@ def test_conv2d_values_and_gradients_match_xla(size, stride, hw, kernel_grad_by)
   g = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
   for a, b in zip(got_vjp(g), want_vjp(g)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+@pytest.mark.parametrize(
+  'size,stride,hw,channels',
+  [
+    (3, 1, (8, 8), (5, 6)),
+    (3, 2, (9, 7), (5, 6)),
+    (3, 2, (16, 16), (64, 32)),
+    (5, 3, (11, 13), (3, 4)),
+  ],
+)
+def test_conv2d_as_a_product_over_shifted_copies_matches_xla(size, stride, hw, channels):
+  rng = np.random.default_rng(size * 10 + stride)
+  c, o = channels
+  x = jnp.asarray(rng.normal(size=(2, *hw, c)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(size, size, c, o)), jnp.float32)
+  pad = size // 2
+  want, want_vjp = jax.vjp(lambda x, k: _reference(x, k, stride, pad), x, k)
+  got, got_vjp = jax.vjp(lambda x, k: layers.conv2d(x, k, stride, pad, patches=True), x, k)
+  tol = lambda a: dict(rtol=1e-5, atol=1e-5 * float(jnp.abs(a).max()))
+  np.testing.assert_allclose(got, want, **tol(want))
+  g = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+  for a, b in zip(got_vjp(g), want_vjp(g)):
+    np.testing.assert_allclose(a, b, **tol(b))
+
+
+@pytest.mark.parametrize(
+  'backend,out,want',
+  [
+    ('cpu', (8, 8), True),
+    ('cpu', (4, 16), True),
+    ('cpu', (9, 8), False),
+    ('cpu', (16, 16), False),
+    ('gpu', (4, 4), False),
+  ],
+)
+def test_small_outputs_use_the_product_on_the_cpu_only(monkeypatch, backend, out, want):
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  assert layers.use_patches(*out) == want
+  # and conv2d follows it: no convolution is left in the traced program
+  x, k = jnp.ones((1, 2 * out[0], 2 * out[1], 3)), jnp.ones((3, 3, 3, 4))
+  jaxpr = str(jax.make_jaxpr(lambda x, k: layers.conv2d(x, k, 2, 1))(x, k))
+  assert ('conv_general_dilated' not in jaxpr) == want
 
 
 @pytest.mark.parametrize(
@@ -92,7 +136,8 @@ def test_conv2d_rejects_an_unknown_kernel_gradient_method():
 
 
 def test_conv_module_is_flax_conv_with_pytorch_padding():
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 10, 9, 4)), jnp.float32)
+  # 10 x 9 outputs: XLA's convolution (smaller ones are a matrix product, tested above)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 20, 18, 4)), jnp.float32)
   ours = layers.conv(8, 3, 2)
   variables = ours.init(jax.random.key(0), x)
   flax_conv = nn.Conv(8, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=False)
