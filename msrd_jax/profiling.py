@@ -92,9 +92,11 @@ def parse_hlo(text: str) -> dict[str, Instruction]:
   """Every instruction of an HLO module's text, by name.
 
   A fusion's kind is that of the costliest operation inside its fused computation
-  (convolution, dot, ...), or 'elementwise'.
+  (convolution, dot, ...), or 'elementwise', and its JAX operation name is that
+  operation's: XLA:CPU fuses, e.g., two decoder blocks and the anomaly map's channel sum
+  into one fusion named after its root, the sum, where the time is the convolutions'.
   """
-  opcodes_of: dict[str, list[str]] = collections.defaultdict(list)
+  inside_of: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
   raw = []
   computation = None
   for line in text.splitlines():
@@ -105,17 +107,20 @@ def parse_hlo(text: str) -> dict[str, Instruction]:
     m = _INSTRUCTION.match(line)
     if not m:
       continue
-    opcodes_of[computation].append(m.group('opcode'))
     op_name = _OP_NAME.search(m.group('rest'))
+    op_name = op_name.group(1) if op_name else ''
+    inside_of[computation].append((m.group('opcode'), op_name))
     calls = _CALLS.search(m.group('rest'))
-    raw.append((m, op_name.group(1) if op_name else '', calls.group(1) if calls else None))
+    raw.append((m, op_name, calls.group(1) if calls else None))
   out = {}
   for m, op_name, calls in raw:
     opcode = m.group('opcode')
     kind = opcode
     if opcode == 'fusion':
-      inside = opcodes_of.get(calls, [])
-      kind = next((h for h in _HEAVY if h in inside), 'elementwise')
+      inside = inside_of.get(calls, [])
+      opcodes = {o for o, _ in inside}
+      kind = next((h for h in _HEAVY if h in opcodes), 'elementwise')
+      op_name = next((n for o, n in inside if o == kind and n), op_name)
     out[m.group('name')] = Instruction(m.group('name'), opcode, m.group('shape'), op_name, kind)
   return out
 

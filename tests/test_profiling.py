@@ -97,3 +97,34 @@ def test_profile_command_names_the_teacher_and_the_student():
   for network in ('teacher', 'student', 'loss and optimizer'):
     assert network in by_network
   assert 'the 5 slowest operations' in done.stdout
+
+
+# A fusion like XLA:CPU's: a decoder convolution and the anomaly map's channel sum, named
+# after its root (the sum).
+_FUSED_HLO = """HloModule jit_predict, entry_computation_layout={()->f32[2,4,4]{2,1,0}}
+
+%fused_computation.5 (param_0: f32[2,4,4,8], param_1: f32[3,3,8,8]) -> f32[2,4,4] {
+  %param_0 = f32[2,4,4,8]{3,2,1,0} parameter(0)
+  %param_1 = f32[3,3,8,8]{3,2,1,0} parameter(1)
+  %convolution.1 = f32[2,4,4,8]{3,2,1,0} convolution(%param_0, %param_1), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, metadata={op_name="jit(predict)/Student/decoder/level1_5/conv2/conv_general_dilated" stack_frame_id=1}
+  %mul.2 = f32[2,4,4,8]{3,2,1,0} multiply(%convolution.1, %convolution.1), metadata={op_name="jit(predict)/jit(anomaly_map)/mul" stack_frame_id=2}
+  %constant.3 = f32[] constant(0)
+  ROOT %reduce_sum.4 = f32[2,4,4]{2,1,0} reduce(%mul.2, %constant.3), dimensions={3}, to_apply=%region_0, metadata={op_name="jit(predict)/jit(anomaly_map)/reduce_sum" stack_frame_id=3}
+}
+
+ENTRY %main (p0: f32[2,4,4,8], p1: f32[3,3,8,8]) -> f32[2,4,4] {
+  %p0 = f32[2,4,4,8]{3,2,1,0} parameter(0)
+  %p1 = f32[3,3,8,8]{3,2,1,0} parameter(1)
+  ROOT %ynn_fusion.5 = f32[2,4,4]{2,1,0} fusion(%p0, %p1), kind=kCustom, calls=%fused_computation.5, metadata={op_name="jit(predict)/jit(anomaly_map)/reduce_sum" stack_frame_id=3}
+}
+"""  # noqa: E501
+
+
+def test_a_fusion_is_named_after_its_costliest_operation():
+  fusion = profiling.parse_hlo(_FUSED_HLO)['ynn_fusion.5']
+  assert fusion.kind == 'convolution'
+  assert fusion.op_name.endswith('Student/decoder/level1_5/conv2/conv_general_dilated')
+  assert profiling.OpTime(fusion, 1.0).network == 'student'
+  # a fusion with no costly operation keeps its own name
+  elementwise = profiling.parse_hlo(_FUSED_HLO.replace('convolution(', 'add('))['ynn_fusion.5']
+  assert elementwise.kind == 'reduce' and elementwise.op_name.endswith('anomaly_map)/reduce_sum')
