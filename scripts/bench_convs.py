@@ -7,8 +7,11 @@ The shapes are the costliest convolutions of `python -m msrd_jax.benchmark profi
 convolutions, the OCE's and the decoder's). For each, the forward pass and the forward
 plus backward pass (input and kernel gradients) are timed in both frameworks, in one
 process, alternating, as the median of several calls after a warm-up. JAX runs
-msrd_jax.layers.conv2d (XLA's convolution; the kernel gradient as matrix products),
-PyTorch F.conv2d on channels-last tensors with autograd, both in float32.
+msrd_jax.layers.conv2d twice: as XLA's convolution (`patches=False`; the kernel gradient
+as `kernel_grad_method` chooses) and as one matrix product over the input's shifted
+copies (`patches=True`), which conv2d uses on XLA:CPU for outputs of at most 8 x 8
+positions (`layers.use_patches`). PyTorch F.conv2d on channels-last tensors with
+autograd. All in float32.
 Needs torch (tests' requirements). Figures are printed, never asserted; compare them
 within one run only.
 """
@@ -32,6 +35,7 @@ SHAPES = (
   ('MFF level1_down1', 64, 256, 512, 3, 2),
   ('MFF level1_down2', 32, 512, 1024, 3, 2),
   ('OCE layer_0 conv1', 16, 3072, 1024, 3, 2),
+  ('OCE layer_0 conv2', 16, 1024, 1024, 3, 2),
   ('OCE conv2', 8, 1024, 1024, 3, 1),
   ('decoder level1 conv2', 64, 128, 128, 3, 1),
   ('decoder level2 conv2', 32, 256, 256, 3, 1),
@@ -52,7 +56,8 @@ def median_ms(fn, calls: int) -> float:
 
 
 def compare(batch: int, side: int, cin: int, cout: int, k: int, s: int, calls: int):
-  """(GFLOP, shape, JAX forward, torch forward, JAX fwd+bwd, torch fwd+bwd) in ms."""
+  """(GFLOP, shape, then forward and forward + backward, each as JAX's convolution,
+  JAX's patches product, torch) in ms."""
   import torch
   import torch.nn.functional as F
 
@@ -63,12 +68,15 @@ def compare(batch: int, side: int, cin: int, cout: int, k: int, s: int, calls: i
   g = rng.normal(size=(batch, out_side, out_side, cout)).astype(np.float32)
   gflop = 2 * batch * out_side**2 * k * k * cin * cout / 1e9
 
-  conv = lambda x, w: layers.conv2d(x, w, s, k // 2)
-  fwd = jax.jit(conv)
-  both = jax.jit(lambda x, w, g: jax.vjp(conv, x, w)[1](g))
   jx, jw, jg = map(jnp.asarray, (x, w, g))
-  j_fwd = median_ms(lambda: fwd(jx, jw).block_until_ready(), calls)
-  j_both = median_ms(lambda: jax.block_until_ready(both(jx, jw, jg)), calls)
+  jax_ms = []
+  for patches in (False, True) if k > 1 else (False,):  # a 1x1 kernel is a product anyway
+    conv = lambda x, w, p=patches: layers.conv2d(x, w, s, k // 2, patches=p)
+    fwd = jax.jit(conv)
+    both = jax.jit(lambda x, w, g, c=conv: jax.vjp(c, x, w)[1](g))
+    jax_ms.append(median_ms(lambda f=fwd: f(jx, jw).block_until_ready(), calls))
+    jax_ms.append(median_ms(lambda b=both: jax.block_until_ready(b(jx, jw, jg)), calls))
+  j_fwd, j_both, p_fwd, p_both = jax_ms + [float('nan')] * (4 - len(jax_ms))
 
   tx = torch.from_numpy(x).permute(0, 3, 1, 2)  # NCHW view of NHWC memory: channels last
   tw = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
@@ -83,7 +91,7 @@ def compare(batch: int, side: int, cin: int, cout: int, k: int, s: int, calls: i
 
   t_both = median_ms(torch_both, calls)
   shape = f'{side}x{side}x{cin} -> {out_side}x{out_side}x{cout}'
-  return gflop, shape, j_fwd, t_fwd, j_both, t_both
+  return gflop, shape, (j_fwd, p_fwd, t_fwd), (j_both, p_both, t_both)
 
 
 def main() -> None:
@@ -99,15 +107,17 @@ def main() -> None:
     f'jax {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__} '
     f'({torch.get_num_threads()} threads), batch {args.batch}, float32, ms per call'
   )
-  header = f'{"convolution":<28} {"shape":<28} {"GFLOP":>6} | {"fwd JAX":>8} {"torch":>8} | '
-  header += f'{"fwd+bwd JAX":>11} {"torch":>8} | {"JAX/torch fwd, fwd+bwd":>22}'
+  print("JAX: XLA's convolution; patches: the matrix product over shifted copies")
+  three = f'{"JAX":>7} {"patches":>7} {"torch":>7}'
+  header = f'{"convolution":<28} {"shape":<28} {"GFLOP":>6} | fwd {three} | fwd+bwd {three} | '
+  header += 'JAX/torch fwd, fwd+bwd'
   print(header)
   for what, side, cin, cout, k, s in SHAPES:
-    figures = compare(args.batch, side, cin, cout, k, s, args.calls)
-    gflop, shape, j_fwd, t_fwd, j_both, t_both = figures
+    gflop, shape, fwd, both = compare(args.batch, side, cin, cout, k, s, args.calls)
+    row = lambda ms: ' '.join(f'{t:7.1f}' for t in ms)
     print(
-      f'{what:<28} {shape:<28} {gflop:6.1f} | {j_fwd:8.1f} {t_fwd:8.1f} | {j_both:11.1f} '
-      f'{t_both:8.1f} | {j_fwd / t_fwd:10.2f} {j_both / t_both:10.2f}',
+      f'{what:<28} {shape:<28} {gflop:6.1f} | fwd {row(fwd)} | fwd+bwd {row(both)} | '
+      f'{fwd[0] / fwd[2]:10.2f} {both[0] / both[2]:10.2f}',
       flush=True,
     )
 
