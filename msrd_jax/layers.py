@@ -116,14 +116,16 @@ def use_patches(out_h: int, out_w: int) -> bool:
   as one matrix product over the k * k shifted copies of its input (`_conv2d_patches`).
 
   On XLA:CPU, for outputs of at most PATCHES_MAX_POSITIONS (8 x 8) positions per image.
-  XLA:CPU's convolution is slow there, and most where the kernel is large: the OCE's
-  3x3 convolutions of 1024 channels at 8 x 8 (wide_resnet50_2 at 256 px) take 21 ms
-  forward at batch 1 against 4.3 ms for the product, and 122 ms forward and backward at
-  batch 8 against 47 ms; over every kernel of 256 to 2048 channels measured at 4 x 4
-  and 8 x 8 outputs, stride 1 and 2, the product is 0.9-5x as fast forward and 1.1-5.4x
-  forward and backward at batch 8. At 16 x 16 it is up to 2.8x slower, at the
-  decoder's 64 x 64 five times (jax 0.10.2, `python scripts/bench_convs.py --batch 1`
-  and `--batch 8`; README, Speed). Other backends keep their own convolution.
+  XLA:CPU's convolution is slow there, most where the kernel is large: the OCE's 3x3
+  convolutions of 1024 channels at 8 x 8 (wide_resnet50_2 at 256 px) take 20 ms forward
+  at batch 1 against 4.3 ms for the product, and 119 ms forward and backward at batch 8
+  against 58 ms. On a grid of 3x3 kernels of 256 to 2048 channels at 4 x 4 and 8 x 8
+  outputs, stride 1 and 2, batch 8, the product is 1.05-3.7x as fast forward and
+  backward, and 0.6-4.5x forward (slower on the kernels of 256 input channels and of
+  2048 at 8 x 8). At 16 x 16 it is slower forward for 6 of the 8 kernels, and at the
+  decoder's 64 x 64 it takes 5x as long (jax 0.10.2 on an AVX-512 CPU, `python
+  scripts/bench_convs.py --batch 1`, `--batch 8`, `--shapes sweep`; README, Speed).
+  Other backends keep their own convolution.
   """
   return jax.default_backend() == 'cpu' and out_h * out_w <= PATCHES_MAX_POSITIONS
 

@@ -1,10 +1,11 @@
 """Single convolutions of the wide_resnet50_2 training step, in JAX (XLA:CPU) and PyTorch.
 
-    python scripts/bench_convs.py [--batch 8] [--threads 2]
+    python scripts/bench_convs.py [--batch 8] [--threads 2] [--shapes model|sweep]
 
 The shapes are the costliest convolutions of `python -m msrd_jax.benchmark profile
 --config configs/mvtec.py` at 256 px (plain RD4AD: the teacher's, MFF's strided
-convolutions, the OCE's and the decoder's). For each, the forward pass and the forward
+convolutions, the OCE's and the decoder's); `--shapes sweep` times a grid of 3x3
+kernels with small outputs instead. For each, the forward pass and the forward
 plus backward pass (input and kernel gradients) are timed in both frameworks, in one
 process, alternating, as the median of several calls after a warm-up. JAX runs
 msrd_jax.layers.conv2d twice: as XLA's convolution (`patches=False`; the kernel gradient
@@ -34,7 +35,7 @@ SHAPES = (
   ('teacher layer2_0 conv2', 64, 256, 256, 3, 2),
   ('MFF level1_down1', 64, 256, 512, 3, 2),
   ('MFF level1_down2', 32, 512, 1024, 3, 2),
-  ('OCE layer_0 conv1', 16, 3072, 1024, 3, 2),
+  ('OCE layer_0 conv1 (1x1)', 16, 3072, 1024, 1, 1),
   ('OCE layer_0 conv2', 16, 1024, 1024, 3, 2),
   ('OCE conv2', 8, 1024, 1024, 3, 1),
   ('decoder level1 conv2', 64, 128, 128, 3, 1),
@@ -42,6 +43,16 @@ SHAPES = (
   ('decoder level3 conv2', 16, 512, 512, 3, 1),
   ('decoder level1 conv1 (1x1)', 64, 256, 128, 1, 1),
   ('decoder level1 conv3 (1x1)', 64, 128, 256, 1, 1),
+)
+
+
+# `--shapes sweep`: 3x3 kernels at outputs of 4 x 4 to 16 x 16 positions, stride 1 and 2,
+# the grid on which layers.use_patches was chosen.
+SWEEP = tuple(
+  (f'sweep {out}x{out} s{s}', out * s, cin, cout, 3, s)
+  for out in (4, 8, 16)
+  for cin, cout in ((256, 256), (512, 512), (1024, 1024), (2048, 512))
+  for s in (1, 2)
 )
 
 
@@ -99,6 +110,9 @@ def main() -> None:
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--threads', type=int, default=2, help='torch.set_num_threads')
   parser.add_argument('--calls', type=int, default=5)
+  parser.add_argument(
+    '--shapes', choices=('model', 'sweep'), default='model', help="the step's or the grid's"
+  )
   args = parser.parse_args()
   import torch
 
@@ -112,7 +126,7 @@ def main() -> None:
   header = f'{"convolution":<28} {"shape":<28} {"GFLOP":>6} | fwd {three} | fwd+bwd {three} | '
   header += 'JAX/torch fwd, fwd+bwd'
   print(header)
-  for what, side, cin, cout, k, s in SHAPES:
+  for what, side, cin, cout, k, s in SHAPES if args.shapes == 'model' else SWEEP:
     gflop, shape, fwd, both = compare(args.batch, side, cin, cout, k, s, args.calls)
     row = lambda ms: ' '.join(f'{t:7.1f}' for t in ms)
     print(
