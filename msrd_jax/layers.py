@@ -83,13 +83,13 @@ def conv2d(
     None chooses with `kernel_grad_method`.
   `patches` True or False forces or forbids the patches product; None chooses.
   """
+  if kernel_grad_by not in ('xla', 'taps', None):
+    raise ValueError(f"kernel_grad_by must be 'xla', 'taps' or None, got {kernel_grad_by!r}")
   if kernel.shape[:2] == (1, 1) and padding == 0:
     xs = x[:, ::stride, ::stride, :] if stride > 1 else x
     b, h, w, c = xs.shape
     y = lax.dot_general(xs.reshape(b * h * w, c), kernel.reshape(c, -1), (((1,), (0,)), ((), ())))
     return y.reshape(b, h, w, kernel.shape[-1])
-  if kernel_grad_by not in ('xla', 'taps', None):
-    raise ValueError(f"kernel_grad_by must be 'xla', 'taps' or None, got {kernel_grad_by!r}")
   if patches is None:
     patches = use_patches(
       _output_side(x.shape[1], kernel.shape[0], stride, padding),
@@ -105,6 +105,9 @@ def conv2d(
 # A convolution whose output has at most this many positions per image is one matrix
 # product over shifted copies of its input on XLA:CPU (`use_patches`).
 PATCHES_MAX_POSITIONS = 64
+# Environment variable that forces `use_patches`: 'on' for every k x k convolution
+# (k > 1), 'off' for none.
+PATCHES_ENV = 'MSRD_JAX_PATCHES'
 
 
 def _output_side(n: int, k: int, stride: int, padding: int) -> int:
@@ -125,9 +128,21 @@ def use_patches(out_h: int, out_w: int) -> bool:
   2048 at 8 x 8). At 16 x 16 it is slower forward for 6 of the 8 kernels, and at the
   decoder's 64 x 64 it takes 5x as long (jax 0.10.2 on an AVX-512 CPU, `python
   scripts/bench_convs.py --batch 1`, `--batch 8`, `--shapes sweep`; README, Speed).
-  Other backends keep their own convolution.
+  Other backends keep their own convolution. `$MSRD_JAX_PATCHES` set to 'on' or 'off'
+  decides for every convolution, to compare the two on another machine.
   """
+  forced = _forced_by_environment(PATCHES_ENV, ('on', 'off'))
+  if forced:
+    return forced == 'on'
   return jax.default_backend() == 'cpu' and out_h * out_w <= PATCHES_MAX_POSITIONS
+
+
+def _forced_by_environment(name: str, choices: tuple[str, ...]) -> str | None:
+  """The value of environment variable `name`, one of `choices`, or None if unset."""
+  value = os.environ.get(name)
+  if value and value not in choices:
+    raise UserError(f'${name} must be ' + ' or '.join(map(repr, choices)) + f', got {value!r}')
+  return value or None
 
 
 def _conv2d_patches(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
@@ -171,10 +186,8 @@ def kernel_grad_method(stride: int) -> str:
   Only those two CPUs were measured: `$MSRD_JAX_KERNEL_GRAD` set to 'xla' or 'taps'
   chooses for every convolution, to compare the two on another machine.
   """
-  forced = os.environ.get(KERNEL_GRAD_ENV)
+  forced = _forced_by_environment(KERNEL_GRAD_ENV, ('xla', 'taps'))
   if forced:
-    if forced not in ('xla', 'taps'):
-      raise UserError(f"${KERNEL_GRAD_ENV} must be 'xla' or 'taps', got {forced!r}")
     return forced
   if stride == 1 and jax.default_backend() == 'cpu' and _host_has_avx512():
     return 'xla'

@@ -90,12 +90,27 @@ def test_conv2d_as_a_product_over_shifted_copies_matches_xla(size, stride, hw, c
   ],
 )
 def test_small_outputs_use_the_product_on_the_cpu_only(monkeypatch, backend, out, want):
+  monkeypatch.delenv(layers.PATCHES_ENV, raising=False)
   monkeypatch.setattr(jax, 'default_backend', lambda: backend)
   assert layers.use_patches(*out) == want
   # and conv2d follows it: no convolution is left in the traced program
   x, k = jnp.ones((1, 2 * out[0], 2 * out[1], 3)), jnp.ones((3, 3, 3, 4))
   jaxpr = str(jax.make_jaxpr(lambda x, k: layers.conv2d(x, k, 2, 1))(x, k))
   assert ('conv_general_dilated' not in jaxpr) == want
+
+
+@pytest.mark.parametrize('forced,want', [('on', True), ('off', False)])
+def test_the_environment_forces_the_product(monkeypatch, forced, want):
+  monkeypatch.setenv(layers.PATCHES_ENV, forced)
+  for backend, out in [('cpu', (4, 4)), ('cpu', (64, 64)), ('gpu', (4, 4))]:
+    monkeypatch.setattr(jax, 'default_backend', lambda b=backend: b)
+    assert layers.use_patches(*out) == want
+
+
+def test_a_bad_product_environment_value_is_a_user_error(monkeypatch):
+  monkeypatch.setenv(layers.PATCHES_ENV, 'yes')
+  with pytest.raises(UserError, match=layers.PATCHES_ENV):
+    layers.use_patches(4, 4)
 
 
 @pytest.mark.parametrize(
@@ -133,6 +148,8 @@ def test_conv2d_rejects_an_unknown_kernel_gradient_method():
   x, k = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
   with pytest.raises(ValueError, match='kernel_grad_by'):
     layers.conv2d(x, k, 1, 1, 'fast')
+  with pytest.raises(ValueError, match='kernel_grad_by'):  # a 1x1 kernel too
+    layers.conv2d(x, k[:1, :1], 1, 0, 'fast')
 
 
 def test_conv_module_is_flax_conv_with_pytorch_padding():
