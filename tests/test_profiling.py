@@ -125,6 +125,10 @@ def test_a_fusion_is_named_after_its_costliest_operation():
   assert fusion.kind == 'convolution'
   assert fusion.op_name.endswith('Student/decoder/level1_5/conv2/conv_general_dilated')
   assert profiling.OpTime(fusion, 1.0).network == 'student'
-  # a fusion with no costly operation keeps its own name
+  # without the convolution, the sum is the costliest operation, and names the fusion
   elementwise = profiling.parse_hlo(_FUSED_HLO.replace('convolution(', 'add('))['ynn_fusion.5']
   assert elementwise.kind == 'reduce' and elementwise.op_name.endswith('anomaly_map)/reduce_sum')
+  # with no costly operation at all, the fusion keeps its own name, not its first one's
+  plain = _FUSED_HLO.replace('convolution(', 'add(').replace(' reduce(', ' add(')
+  plain = profiling.parse_hlo(plain)['ynn_fusion.5']
+  assert plain.kind == 'elementwise' and plain.op_name.endswith('anomaly_map)/reduce_sum')
