@@ -8,12 +8,16 @@
     python -m msrd_jax.benchmark params --config configs/mvtec.py  # parameter counts
     python -m msrd_jax.benchmark profile --config configs/mvtec.py # where the step's time goes
     python -m msrd_jax.benchmark profile --program infer ...       # the same for inference
+    python -m msrd_jax.benchmark peak                              # float32 matmul GFLOP/s
     ... --json results.json                                        # the figures as JSON
 
 Each measurement compiles first (timed separately: the compile time), then times
 `--repeats` windows of `--iters` calls each, waiting for the device, and reports the
 median and the spread of the windows. FLOPs per image come from XLA's cost analysis of
-the compiled program, so that the achieved FLOP/s can be compared with the device's peak.
+the compiled program, so that the achieved FLOP/s can be compared with the device's peak;
+`peak` measures that peak as the machine delivers it to XLA: the GFLOP/s of large float32
+matrix products, the operation that reaches the highest FLOP/s on a CPU or GPU, so that no
+network of convolutions can be expected to run faster per FLOP.
 Figures depend on the machine; they are printed, never asserted.
 """
 
@@ -205,6 +209,27 @@ def inference_program(config, batch: int) -> Program:
   )
 
 
+PEAK_SIZES = (1024, 2048, 4096)
+
+
+def matmul_program(n: int, dtype: str = 'float32') -> Program:
+  """One n x n matrix product (2 n^3 FLOPs) in `dtype`, for `peak`."""
+  rng = np.random.default_rng(0)
+  a, b = (
+    jax.device_put(rng.standard_normal((n, n), dtype=np.float32).astype(dtype)) for _ in range(2)
+  )
+  return Program('matmul', jax.jit(jax.numpy.matmul), (a, b), 1, (dtype, n))
+
+
+def peak_line(m: Measurement) -> str:
+  lo, hi = m.spread
+  flops = m.flops_per_image
+  return (
+    f'matmul {m.image_size} x {m.image_size} {m.backbone}: {m.gflops_per_second:8.1f} GFLOP/s '
+    f'(windows {flops / hi / 1e9:.1f}..{flops / lo / 1e9:.1f}), compile {m.compile_seconds:.1f} s'
+  )
+
+
 def profile_program(program: Program, calls: int, top: int) -> str:
   """The per-operation profile of a program (msrd_jax.profiling) as text."""
   compiled = program.compile()
@@ -230,7 +255,7 @@ def parameter_counts(config) -> dict[str, int]:
   return counts
 
 
-COMMANDS = ('teacher', 'train', 'infer', 'params', 'profile')
+COMMANDS = ('teacher', 'train', 'infer', 'params', 'profile', 'peak')
 
 
 def main(argv: Sequence[str]) -> None:
@@ -257,7 +282,13 @@ def main(argv: Sequence[str]) -> None:
     )
     print(profile_program(program, FLAGS.iters, FLAGS.top), flush=True)
     return
-  if what == 'train':
+  if what == 'peak':
+    for dtype in FLAGS.dtypes:
+      for n in (int(x) for x in FLAGS.matmul_sizes):
+        m = measure(matmul_program(n, dtype), FLAGS.iters, FLAGS.repeats)
+        results.append(dataclasses.replace(m, flops_per_image=2.0 * n**3))
+        print(peak_line(results[-1]), flush=True)
+  elif what == 'train':
     results.append(measure(train_step_program(config), FLAGS.iters, FLAGS.repeats))
   elif what == 'infer':
     results.append(
@@ -271,7 +302,7 @@ def main(argv: Sequence[str]) -> None:
       program = teacher_program(arch, FLAGS.size, FLAGS.batch)
       results.append(measure(program, FLAGS.iters, FLAGS.repeats))
       print(results[-1].line(), flush=True)
-  if what != 'teacher':
+  if what not in ('teacher', 'peak'):
     for r in results:
       print(r.line(), flush=True)
   if FLAGS.json:
@@ -292,6 +323,12 @@ if __name__ == '__main__':
   flags.DEFINE_integer('iters', 3, 'Calls per timed window.')
   flags.DEFINE_integer('repeats', 3, 'Timed windows; the median is reported.')
   flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')
+  flags.DEFINE_list(
+    'matmul_sizes', [str(n) for n in PEAK_SIZES], 'peak: the sizes n of the n x n products.'
+  )
+  flags.DEFINE_multi_enum(
+    'dtypes', ['float32'], ['float32', 'bfloat16'], 'peak: the dtypes of the matrix products.'
+  )
   flags.DEFINE_enum('program', 'train', ['train', 'infer'], 'profile: which program.')
   flags.DEFINE_integer('top', 25, 'profile: how many of the slowest operations to list.')
   # A user error (a config field, $MSRD_JAX_KERNEL_GRAD) is one line and exit status 2.

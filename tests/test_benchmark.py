@@ -7,7 +7,7 @@ import math
 import os
 
 import pytest
-from conftest import cli
+from conftest import ROOT, cli
 
 from msrd_jax import benchmark
 from msrd_jax import config as config_lib
@@ -76,3 +76,51 @@ def test_a_bad_kernel_gradient_setting_is_one_error_line(monkeypatch):
   assert done.returncode == 2, done.stderr[-2000:]
   assert "error: $MSRD_JAX_KERNEL_GRAD must be 'xla' or 'taps'" in done.stderr
   assert 'Traceback' not in done.stderr
+
+
+def test_flops_count_two_per_multiply_add():
+  """The benchmark's FLOPs (XLA's cost analysis) count a multiply-add as two, as
+  torch.utils.flop_counter and the usual GFLOP/s peaks do: n x n times n x n is 2 n^3."""
+  program = benchmark.matmul_program(64)
+  m = benchmark.measure(program, iters=1, repeats=1)
+  assert m.flops_per_image == 2 * 64**3
+  assert 'matmul 64 x 64 float32' in benchmark.peak_line(m)
+
+
+@pytest.mark.slow
+def test_peak_command_writes_one_figure_per_size(tmp_path):
+  out = tmp_path / 'peak.json'
+  done = cli('msrd_jax.benchmark', 'peak', '--iters=1', '--repeats=1', f'--json={out}')
+  assert done.returncode == 0, done.stderr[-2000:]
+  figures = json.loads(out.read_text())
+  assert [f['image_size'] for f in figures] == list(benchmark.PEAK_SIZES)
+  for f in figures:
+    assert f['flops_per_image'] == 2 * f['image_size'] ** 3 and f['gflops_per_second'] > 0
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_through_on_this_machine(tmp_path):
+  """scripts/gpu_benchmark.sh, shrunk by its environment variables as its header says,
+  runs every step and prints its table (on a CPU: nothing in it needs a GPU)."""
+  import subprocess
+  import sys
+
+  env = dict(
+    os.environ,
+    PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'],
+    SETTINGS='resnet18 64 configs/synthetic.py',
+    BATCHES='2',
+    ITERS='1',
+    MATMUL_SIZES='128',
+    OUT=str(tmp_path),
+  )
+  done = subprocess.run(
+    ['bash', 'scripts/gpu_benchmark.sh'], cwd=ROOT, env=env, capture_output=True, text=True
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert 'did not fit' not in done.stdout
+  rows = [line.split() for line in done.stdout.splitlines() if line.startswith(('train', 'infer'))]
+  # float32 and bfloat16: the train step at batch 2, inference at 2 and 1.
+  assert len(rows) == 6, done.stdout
+  peaks = json.loads((tmp_path / 'peak.json').read_text())
+  assert sorted(f['backbone'] for f in peaks) == ['bfloat16', 'float32']
