@@ -170,6 +170,20 @@ def _host_has_avx512() -> bool:
   return bool(__cpu_features__.get('AVX512F'))
 
 
+@functools.cache
+def _host_cpu_vendor() -> str:
+  """The CPU's vendor string ('AuthenticAMD', 'GenuineIntel', ...) from /proc/cpuinfo;
+  '' where there is none (not Linux, or not x86)."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('vendor_id'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return ''
+
+
 # Environment variable that forces the kernel-gradient method of `conv2d`.
 KERNEL_GRAD_ENV = 'MSRD_JAX_KERNEL_GRAD'
 
@@ -178,18 +192,26 @@ def kernel_grad_method(stride: int) -> str:
   """How `conv2d` computes the kernel gradient of a k x k convolution (k > 1).
 
   'taps' (one matrix product per kernel tap) on every backend, except XLA's own ('xla')
-  for stride 1 on a CPU with AVX-512. Measured with jax 0.10.2 on XLA:CPU (README,
-  Speed): on a Zen 3 CPU (AVX2) XLA's kernel gradient was 1.9-7x slower than the taps
-  at the student's shapes; on an AVX-512 EPYC it is faster at stride 1 (the
-  wide_resnet50_2 training step takes about 7 % less time with it for MSRD, 2 % for
-  plain RD4AD) and still slower at stride 2 (`python scripts/bench_conv_grad.py`).
-  Only those two CPUs were measured: `$MSRD_JAX_KERNEL_GRAD` set to 'xla' or 'taps'
-  chooses for every convolution, to compare the two on another machine.
+  for stride 1 on an AMD CPU with AVX-512. Measured with jax 0.10.2 on XLA:CPU (README,
+  Speed; `python scripts/bench_conv_grad.py`) on three CPUs: on an AMD Zen 3 (AVX2)
+  XLA's kernel gradient was 1.9-7x slower than the taps at the student's shapes; on an
+  AMD EPYC with AVX-512 it was faster at stride 1 (the wide_resnet50_2 training step
+  took about 7 % less time with it for MSRD, 2 % for plain RD4AD) and slower at stride
+  2; on an Intel Xeon with AVX-512 (Ice Lake) it was 1.5-2.3x slower at the decoder's
+  3x3 stride-1 shapes and the plain-RD4AD step 1.25x slower with it. What sets the AMD
+  AVX-512 part apart was not established, so the rule names only what was measured;
+  `$MSRD_JAX_KERNEL_GRAD` set to 'xla' or 'taps' chooses for every convolution, to
+  compare the two on another machine.
   """
   forced = _forced_by_environment(KERNEL_GRAD_ENV, ('xla', 'taps'))
   if forced:
     return forced
-  if stride == 1 and jax.default_backend() == 'cpu' and _host_has_avx512():
+  if (
+    stride == 1
+    and jax.default_backend() == 'cpu'
+    and _host_has_avx512()
+    and _host_cpu_vendor() == 'AuthenticAMD'
+  ):
     return 'xla'
   return 'taps'
 

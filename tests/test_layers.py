@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -114,19 +117,38 @@ def test_a_bad_product_environment_value_is_a_user_error(monkeypatch):
 
 
 @pytest.mark.parametrize(
-  'backend,avx512,stride,want',
+  'backend,avx512,vendor,stride,want',
   [
-    ('cpu', True, 1, 'xla'),
-    ('cpu', True, 2, 'taps'),
-    ('cpu', False, 1, 'taps'),
-    ('gpu', True, 1, 'taps'),
+    ('cpu', True, 'AuthenticAMD', 1, 'xla'),
+    ('cpu', True, 'AuthenticAMD', 2, 'taps'),
+    ('cpu', False, 'AuthenticAMD', 1, 'taps'),
+    ('cpu', True, 'GenuineIntel', 1, 'taps'),
+    ('cpu', True, '', 1, 'taps'),
+    ('gpu', True, 'AuthenticAMD', 1, 'taps'),
   ],
 )
-def test_kernel_grad_method_follows_the_measurements(monkeypatch, backend, avx512, stride, want):
+def test_kernel_grad_method_follows_the_measurements(
+  monkeypatch, backend, avx512, vendor, stride, want
+):
   monkeypatch.delenv(layers.KERNEL_GRAD_ENV, raising=False)
   monkeypatch.setattr(jax, 'default_backend', lambda: backend)
   monkeypatch.setattr(layers, '_host_has_avx512', lambda: avx512)
+  monkeypatch.setattr(layers, '_host_cpu_vendor', lambda: vendor)
   assert layers.kernel_grad_method(stride) == want
+
+
+def test_the_cpu_vendor_is_the_one_lscpu_reports():
+  """The vendor the rule reads is the one util-linux's lscpu names."""
+  lscpu = shutil.which('lscpu')
+  if lscpu is None:
+    pytest.skip('no lscpu')
+  out = subprocess.run([lscpu], capture_output=True, text=True, env={'LC_ALL': 'C'}).stdout
+  want = [
+    line.split(':', 1)[1].strip() for line in out.splitlines() if line.startswith('Vendor ID')
+  ]
+  if not want:
+    pytest.skip('lscpu names no vendor')
+  assert layers._host_cpu_vendor() == want[0]
 
 
 @pytest.mark.parametrize('forced', ['taps', 'xla'])
@@ -135,6 +157,7 @@ def test_the_environment_forces_the_kernel_gradient_method(monkeypatch, forced):
   for backend, avx512, stride in [('cpu', True, 1), ('cpu', False, 2), ('gpu', False, 1)]:
     monkeypatch.setattr(jax, 'default_backend', lambda b=backend: b)
     monkeypatch.setattr(layers, '_host_has_avx512', lambda a=avx512: a)
+    monkeypatch.setattr(layers, '_host_cpu_vendor', lambda: 'AuthenticAMD')
     assert layers.kernel_grad_method(stride) == forced
 
 
