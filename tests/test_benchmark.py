@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import pytest
 from conftest import ROOT, cli
@@ -119,8 +120,19 @@ def test_gpu_script_runs_through_on_this_machine(tmp_path):
   )
   assert done.returncode == 0, done.stderr[-2000:]
   assert 'did not fit' not in done.stdout
-  rows = [line.split() for line in done.stdout.splitlines() if line.startswith(('train', 'infer'))]
+  lines = done.stdout.splitlines()
+  table = lines[next(i for i, line in enumerate(lines) if line.startswith('what')) + 1 :]
   # float32 and bfloat16: the train step at batch 2, inference at 2 and 1.
-  assert len(rows) == 6, done.stdout
+  assert len(table) == 6, done.stdout
+  # Each row names its setting: backbone, size, dtype and batch ('b2'); 'what' may be two
+  # words ('train step').
+  settings = sorted(
+    tuple(t for t in line.split() if t in ('float32', 'bfloat16') or re.fullmatch(r'b\d+', t))
+    for line in table
+  )
+  assert settings == sorted(
+    [(d, b) for d in ('float32', 'bfloat16') for b in ('b1', 'b2', 'b2')]
+  ), done.stdout
+  assert sum(line.startswith('train step') for line in table) == 2, done.stdout
   peaks = json.loads((tmp_path / 'peak.json').read_text())
   assert sorted(f['backbone'] for f in peaks) == ['bfloat16', 'float32']
