@@ -11,7 +11,7 @@
 #
 # The environment can shrink the run (to try the script on a CPU first):
 #   SETTINGS="resnet18 64 configs/synthetic.py" BATCHES="2 4" ITERS=1 MATMUL_SIZES=256 \
-#     OUT=/tmp/g bash scripts/gpu_benchmark.sh
+#     OUT=gpu_benchmark_cpu bash scripts/gpu_benchmark.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_benchmark}
