@@ -9,7 +9,10 @@ anomaly maps of every test image on the device (one jitted function), and writes
                               "au_pro": ..., ...}}   (fractions in [0, 1])
     DIR/results.md           the same as a Markdown table
     DIR/evaluation.json      checkpoint step, test-set counts, image AUROC per defect type,
-                             and what the stored decision threshold does ('threshold')
+                             what the stored decision threshold does ('threshold'), where
+                             the maps peak ('max_near_border') and how the memory bank
+                             is read ('memory': slots read, effective slots per
+                             position, what it changes; see memory.usage)
     DIR/test_scores.csv      every test image's score, label and defect type
     DIR/pictures/examples.png  image | ground truth | heatmap overlay, for a sample
     DIR/pictures/curves.png    image and pixel ROC, PRO curve up to FPR 0.3
@@ -39,6 +42,7 @@ from msrd_jax import (
   distributed,
   files,
   inference,
+  memory,
   metric_writers,
   metrics,
   visualize,
@@ -208,6 +212,31 @@ def max_near_border(run: inference.Run, t: TestScores) -> dict:
   return out
 
 
+def memory_usage(run: inference.Run, samples: list) -> dict | None:
+  """memory.usage on one batch of test images spread evenly over the split (good and
+  defective alike), plus 'images' (how many) and, in 'residual' mode, the learned
+  'gate'. None when the run has no memory bank.
+  """
+  config = run.config
+  if config.model.memory.mode == 'off' or not samples:
+    return None
+  count = min(len(samples), config.eval.batch_size)
+  chosen = np.unique(np.linspace(0, len(samples) - 1, count).round().astype(int))
+  loader = inference.eval_loader(config, [samples[i] for i in chosen])
+  with iter(loader) as batches:
+    batch = next(batches)
+  aux = jax.jit(lambda t, s, x: run.model.apply_eval(t, s, x)[2])(
+    run.teacher_vars, run.student_vars, batch['image']
+  )
+  valid = np.asarray(batch['valid'])
+  aux = {k: np.asarray(aux[k])[valid] for k in ('memory_weights', 'query', 'embedding')}
+  out = memory.usage(aux['memory_weights'], aux['query'], aux['embedding'])
+  out['images'] = int(valid.sum())
+  if config.model.memory.mode == 'residual':
+    out['gate'] = float(run.student_vars['params']['memory']['gate'])
+  return out
+
+
 def write_reports(
   workdir: str,
   run: inference.Run,
@@ -216,10 +245,11 @@ def write_reports(
   per_defect: dict,
   pictures: bool,
   threshold: dict | None = None,
+  memory_reads: dict | None = None,
 ) -> None:
   """results.json / .md, evaluation.json, test_scores.csv and the pictures of a run.
 
-  threshold: `threshold_results`, for evaluation.json.
+  threshold: `threshold_results`, for evaluation.json; memory_reads: `memory_usage`.
   """
   config, category = run.config, run.config.data.category
   files.write_json(os.path.join(workdir, 'results.json'), {category: results})
@@ -237,6 +267,7 @@ def write_reports(
       'defective_images': int(t.labels.sum()),
       'image_auroc_per_defect_type': per_defect,
       'max_near_border': max_near_border(run, t),
+      'memory': memory_reads,
       'teacher_weights': config.model.teacher_weights,
       'threshold': threshold,
     },
@@ -291,7 +322,8 @@ def evaluate(
   if threshold is not None:
     results.update({k: threshold[k] for k in THRESHOLD_METRICS})
   if distributed.is_main_process():  # every process has the results; one writes them
-    write_reports(workdir, run, scored, results, per_defect, pictures, threshold)
+    reads = memory_usage(run, samples)
+    write_reports(workdir, run, scored, results, per_defect, pictures, threshold, reads)
   with metric_writers.MetricWriter(workdir, enabled=distributed.is_main_process()) as writer:
     writer.add_scalars(int(run.meta['data_step']), results, prefix='eval')
   return {config.data.category: results}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SHRINK_EPS = 1e-12
 
@@ -77,3 +78,35 @@ class MemoryBank(nn.Module):
       gate = self.param('gate', nn.initializers.zeros, ())
       out = z + gate.astype(z.dtype) * zhat
     return out, entropy(w), w.reshape(*z.shape[:-1], self.slots)
+
+
+def usage(weights, query, embedding) -> dict:
+  """How the memory is read, from its weights and the embedding before and after it.
+
+  Args:
+    weights: (..., N) read weights of some positions (numpy or jax).
+    query: (..., D) the embedding before the memory at those positions.
+    embedding: (..., D) the embedding after it.
+
+  Returns:
+    slots: N.
+    slots_read: how many slots are the largest weight of at least one position. A
+      bank whose reads have collapsed onto a few prototypes uses few of its slots.
+    effective_slots: the mean over positions of exp(entropy of the weights): 1 when
+      every position reads a single slot, N when it reads all of them evenly.
+    relative_change: the mean over positions of ||embedding - query|| / ||query||, what
+      the memory changes: near 0 means a 'residual' memory that the decoder ignores.
+  """
+  w = np.asarray(weights, np.float64)
+  n = w.shape[-1]
+  w = w.reshape(-1, n)
+  entropy_per_position = -np.sum(w * np.log(w + SHRINK_EPS), axis=-1)
+  q = np.asarray(query, np.float64).reshape(w.shape[0], -1)
+  change = np.asarray(embedding, np.float64).reshape(q.shape) - q
+  norms = np.maximum(np.linalg.norm(q, axis=-1), 1e-12)
+  return {
+    'slots': int(n),
+    'slots_read': int(np.unique(np.argmax(w, axis=-1)).size),
+    'effective_slots': float(np.mean(np.exp(entropy_per_position))),
+    'relative_change': float(np.mean(np.linalg.norm(change, axis=-1) / norms)),
+  }

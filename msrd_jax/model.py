@@ -29,7 +29,9 @@ class Student(nn.Module):
   """Teacher features [e1, e2, e3] -> (student features [d1, d2, d3], aux).
 
   aux: {'entropy': scalar read-weight entropy of the memory (0 when off),
-        'embedding': (B, h4, w4, D) the one-class embedding after the memory}.
+        'query': (B, h4, w4, D) the one-class embedding before the memory,
+        'embedding': (B, h4, w4, D) the one-class embedding after the memory,
+        'memory_weights': (B, h4, w4, N) the memory's read weights (N = 0 when off)}.
   With `train`, BatchNorm uses (and updates) batch statistics.
   """
 
@@ -64,18 +66,19 @@ class Student(nn.Module):
       fuse = MFF(channels, self.layers, name='fusion')
     else:
       raise ValueError(f"model.fusion must be 'msff' or 'mff', got {self.fusion!r}")
-    z = OCE(self.arch, self.oce_blocks, self.layers, name='oce')(fuse(features, train), train)
-    z, entropy, _ = MemoryBank(
+    query = OCE(self.arch, self.oce_blocks, self.layers, name='oce')(fuse(features, train), train)
+    z, entropy, weights = MemoryBank(
       self.memory_slots,
       self.memory_temperature,
       self.memory_shrink,
       self.memory_mode,
       name='memory',
-    )(z)
+    )(query)
     decoded = Decoder(
       self.arch, attention='decoder' in self.attention, layers=self.layers, name='decoder'
     )(z, train)
-    return decoded, {'entropy': entropy, 'embedding': z}
+    aux = {'entropy': entropy, 'query': query, 'embedding': z, 'memory_weights': weights}
+    return decoded, aux
 
 
 def student_from_config(

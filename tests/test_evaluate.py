@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from conftest import METRIC_NAMES, ROOT, mtimes, tiny_config
@@ -17,7 +18,10 @@ from conftest import cli as _cli
 from data_fixtures import make_mvtec_tree
 from PIL import Image
 
-from msrd_jax import checkpoint, evaluate, teacher, train
+from msrd_jax import checkpoint, evaluate, inference, teacher, train
+from msrd_jax import config as config_lib
+from msrd_jax import data as data_lib
+from msrd_jax.model import MSRD
 
 
 def _check_png(path: str) -> None:
@@ -62,6 +66,10 @@ def test_demo_command_on_a_folder_it_did_not_generate(tmp_path):
   border = info['max_near_border']
   assert border['band_px'] == 16  # one stride-16 cell at the input's resolution
   assert 0.0 <= border['good'] <= 1.0 and 0.0 <= border['defective'] <= 1.0
+  reads = info['memory']  # the config's memory bank: 'replace', 50 slots
+  assert reads['slots'] == 50 and reads['images'] == 5 and 'gate' not in reads
+  assert 1 <= reads['slots_read'] <= 50 and 1.0 <= reads['effective_slots'] <= 50.0
+  assert reads['relative_change'] > 0.0
   _check_png(run / 'pictures' / 'examples.png')
   _check_png(run / 'pictures' / 'curves.png')
   assert 'RANDOM weights' in out.stderr  # the random teacher is announced loudly
@@ -243,3 +251,26 @@ def test_every_eval_field_reaches_evaluation(run_with_teacher_file, tmp_path):
   nearest, _ = evaluated(mask_resize='nearest', resolution=64)
   assert masks['image_auroc'] == nearest['image_auroc']
   assert masks['pixel_auroc'] != nearest['pixel_auroc']
+
+
+@pytest.mark.parametrize('mode', ['off', 'residual'])
+def test_memory_usage_of_an_untrained_student(tmp_path, mode):
+  """A 'residual' memory starts as the identity (gate 0): it changes nothing, whatever
+  it reads; without a memory bank there is nothing to report."""
+  make_mvtec_tree(tmp_path, 'widget', n_train=2, size=(40, 30))
+  config = tiny_config(str(tmp_path), 'widget')
+  config.model.memory.mode = mode
+  config.eval.batch_size = 4
+  model = MSRD(config)
+  teacher_vars = teacher.from_config(config)
+  student_vars = model.init(jax.random.key(0), teacher_vars, config.data.image_size)
+  run = inference.Run(config, model, teacher_vars, student_vars, {})
+  reader, root = config_lib.resolve_data(config)
+  samples = data_lib.list_samples(reader, root, 'widget', 'test')
+  reads = evaluate.memory_usage(run, samples)
+  if mode == 'off':
+    assert reads is None
+    return
+  assert reads['images'] == 4 and reads['gate'] == 0.0 and reads['relative_change'] == 0.0
+  assert reads['slots'] == config.model.memory.slots
+  assert 1 <= reads['slots_read'] <= reads['slots']

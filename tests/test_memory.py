@@ -136,3 +136,32 @@ def test_memory_off_is_identity_without_params():
 def test_memory_unknown_mode_raises():
   with pytest.raises(ValueError, match='memory mode'):
     memory.MemoryBank(mode='sideways').init(jax.random.key(0), jnp.zeros((1, 2, 2, 4)))
+
+
+def test_usage_counts_collapsed_and_spread_reads():
+  """memory.usage against reads whose figures are known by construction."""
+  n = 8
+  query = np.random.default_rng(0).normal(size=(2, 3, 3, 4))
+  # Every position reads exactly one slot, and only slots 1 and 5 are ever read.
+  onehot = np.zeros((2, 3, 3, n))
+  onehot[..., 1] = 1.0
+  onehot[0, 0, :, :] = np.eye(n)[5]
+  u = memory.usage(onehot, query, query)
+  assert u == {
+    'slots': n,
+    'slots_read': 2,
+    'effective_slots': pytest.approx(1.0),
+    'relative_change': 0.0,
+  }
+  # Evenly spread reads: exp(entropy) is N at every position; the embedding doubled
+  # changes it by its own norm.
+  even = np.full((2, 3, 3, n), 1.0 / n)
+  u = memory.usage(even, query, 2 * query)
+  assert u['effective_slots'] == pytest.approx(n)
+  assert u['relative_change'] == pytest.approx(1.0)
+  # Two slots read half and half: exp(log 2) = 2 effective slots.
+  half = np.zeros((1, n))
+  half[0, [2, 3]] = 0.5
+  assert memory.usage(half, query[0, 0, :1], -query[0, 0, :1])['effective_slots'] == (
+    pytest.approx(2.0)
+  )
