@@ -43,7 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.memory = ml_collections.ConfigDict()
   c.model.memory.mode = 'replace'
   c.model.memory.slots = 50
-  c.model.memory.temperature = 0.05
+  # MemAE's addressing, softmax(cos): at 0.05 (design.md's first choice) every position
+  # read one of a handful of the slots (README, Ablation study: the temperature).
+  c.model.memory.temperature = 1.0
   # None means 1 / slots.
   c.model.memory.shrink = ml_collections.FieldReference(None, field_type=float)
   c.model.memory.entropy_weight = 2e-4

@@ -53,7 +53,7 @@ class MemoryBank(nn.Module):
   """
 
   slots: int = 50
-  temperature: float = 0.05
+  temperature: float = 1.0
   shrink: float | None = None  # None means 1 / slots
   mode: str = 'replace'
 

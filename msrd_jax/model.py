@@ -42,7 +42,7 @@ class Student(nn.Module):
   attention: tuple[str, ...] = ('fusion', 'decoder')
   memory_mode: str = 'replace'
   memory_slots: int = 50
-  memory_temperature: float = 0.05
+  memory_temperature: float = 1.0
   memory_shrink: float | None = None
   oce_blocks: int | None = None
   layers: Layers = Layers()

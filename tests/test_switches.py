@@ -153,7 +153,8 @@ def test_memory_modes():
   assert off[2] == 0.0 and replace[2] > 0.0 and residual[2] > 0.0
   # 'replace' decodes MemAE's read of the embedding that 'off' decodes ...
   memory = _superset()[('params', 'memory', 'memory')]
-  read, _ = MemoryBank(50, 0.05, None, 'replace').apply({'params': {'memory': memory}}, off[1])[:2]
+  bank = MemoryBank(50, _student().memory_temperature, None, 'replace')  # the student's
+  read, _ = bank.apply({'params': {'memory': memory}}, off[1])[:2]
   np.testing.assert_allclose(replace[1], read, rtol=1e-6, atol=1e-7)
   # ... and 'residual' adds it to that embedding, scaled by the gate.
   np.testing.assert_allclose(residual[1], off[1] + 0.5 * replace[1], rtol=1e-6, atol=1e-6)
