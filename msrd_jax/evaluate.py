@@ -68,6 +68,8 @@ class TestScores:
   """Everything scored on a test split: (N, R, R) maps and masks, (N,) scores and labels.
 
   images: {index: (R, R, 3) image} for the indices asked for (pictures).
+  queries: {index: (h, w, D) one-class embedding before the memory} for the indices
+    asked for (memory_usage).
   """
 
   samples: list
@@ -76,42 +78,72 @@ class TestScores:
   scores: np.ndarray
   labels: np.ndarray
   images: dict[int, np.ndarray]
+  queries: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def score_split(
-  run: inference.Run, samples: list, keep_images: set[int] = frozenset()
+  run: inference.Run,
+  samples: list,
+  keep_images: set[int] = frozenset(),
+  keep_queries: set[int] = frozenset(),
 ) -> TestScores:
   """Maps and scores of `samples` (with their masks) under a trained run.
 
-  With several processes each scores its own contiguous share of `samples`, and every
-  process gets the whole result (the device work is split, not repeated).
+  keep_images, keep_queries: the indices whose images and embeddings before the memory
+  (from the same forward pass) to keep. With several processes each scores its own
+  contiguous share of `samples`, and every process gets the whole result (the device
+  work is split, not repeated).
   """
   if jax.process_count() == 1:
-    return _score_local(run, samples, keep_images)
+    return _score_local(run, samples, keep_images, keep_queries)
   n = len(samples)
   start, stop = distributed.shard_range(n)
   mine = _score_local(
-    run, samples[start:stop], {i - start for i in keep_images if start <= i < stop}
+    run,
+    samples[start:stop],
+    {i - start for i in keep_images if start <= i < stop},
+    {i - start for i in keep_queries if start <= i < stop},
   )
-  # The kept images of each process are a run of the sorted indices, in process order.
-  kept = sorted(keep_images)
-  own = [i for i in kept if start <= i < stop]
   r = run.resolution
-  local_images = np.zeros((len(own), r, r, 3), np.float32)
-  for row, i in enumerate(own):
-    local_images[row] = mine.images[i - start]
-  images = np.concatenate(distributed.process_shares(local_images, max(len(kept), 1)))
+  query_shape = ()
+  if keep_queries:
+    image = jax.ShapeDtypeStruct(
+      (1, run.config.data.image_size, run.config.data.image_size, 3), np.float32
+    )
+    query_shape = jax.eval_shape(
+      lambda x: run.model.apply_eval(run.teacher_vars, run.student_vars, x)[2]['query'], image
+    ).shape[1:]
   return TestScores(
     samples,
     distributed.gather_rows(mine.amaps, n),
     distributed.gather_rows(mine.masks, n),
     distributed.gather_rows(mine.scores, n),
     np.array([s.label for s in samples], np.int32),
-    dict(zip(kept, images, strict=True)),
+    _gather_kept(mine.images, keep_images, start, stop, (r, r, 3)),
+    _gather_kept(mine.queries, keep_queries, start, stop, query_shape),
   )
 
 
-def _score_local(run: inference.Run, samples: list, keep_images: set[int]) -> TestScores:
+def _gather_kept(
+  local: dict[int, np.ndarray], wanted: set[int], start: int, stop: int, shape: tuple
+) -> dict[int, np.ndarray]:
+  """{index: row} of every process, from each process's `local` {index - start: row}.
+
+  Collective. The kept rows of each process are a run of the sorted indices, in
+  process order.
+  """
+  kept = sorted(wanted)
+  own = [i for i in kept if start <= i < stop]
+  rows = np.zeros((len(own), *shape), np.float32)
+  for row, i in enumerate(own):
+    rows[row] = local[i - start]
+  gathered = np.concatenate(distributed.process_shares(rows, max(len(kept), 1)))
+  return dict(zip(kept, gathered, strict=True))
+
+
+def _score_local(
+  run: inference.Run, samples: list, keep_images: set[int], keep_queries: set[int] = frozenset()
+) -> TestScores:
   """score_split on this process alone; an empty `samples` gives empty arrays."""
   config = run.config
   size, resolution = config.data.image_size, run.resolution
@@ -137,8 +169,9 @@ def _score_local(run: inference.Run, samples: list, keep_images: set[int]) -> Te
     dynamic_ncols=True,
     disable=not distributed.is_main_process(),
   )
+  predict_fn = inference.make_predict_fn(run.model, config, with_query=bool(keep_queries))
   with bar:
-    for batch, maps, scores in inference.predictions(run, loader):
+    for batch, maps, scores, *query in inference.predictions(run, loader, predict_fn):
       valid = len(scores)
       out.amaps[row : row + valid] = maps
       out.scores[row : row + valid] = scores
@@ -149,6 +182,8 @@ def _score_local(run: inference.Run, samples: list, keep_images: set[int]) -> Te
           out.images[row + i] = (
             image if resolution == size else data_lib.resize_image(image, resolution)
           )
+        if row + i in keep_queries:
+          out.queries[row + i] = np.asarray(query[0][i], np.float32)
       row += valid
       bar.update(valid)
   assert row == n, (row, n)
@@ -212,28 +247,32 @@ def max_near_border(run: inference.Run, t: TestScores) -> dict:
   return out
 
 
-def memory_usage(run: inference.Run, samples: list) -> dict | None:
-  """memory.usage on one batch of test images spread evenly over the split (good and
-  defective alike), plus 'images' (how many) and, in 'residual' mode, the learned
-  'gate'. None when the run has no memory bank.
+def memory_rows(run: inference.Run, count: int) -> set[int]:
+  """The test images memory_usage reads: one batch (eval.batch_size) spread evenly over
+  the `count` of the split, good and defective alike; none without a memory bank."""
+  if run.config.model.memory.mode == 'off' or not count:
+    return set()
+  chosen = np.linspace(0, count - 1, min(count, run.config.eval.batch_size)).round()
+  return set(np.unique(chosen.astype(int)).tolist())
+
+
+def memory_usage(run: inference.Run, queries: dict[int, np.ndarray]) -> dict | None:
+  """memory.usage of the trained bank on the embeddings of some test images (their
+  `score_split` queries, see memory_rows), plus 'images' (how many) and, in 'residual'
+  mode, the learned 'gate'. None when the run has no memory bank.
   """
-  config = run.config
-  if config.model.memory.mode == 'off' or not samples:
+  m = run.config.model.memory
+  if m.mode == 'off' or not queries:
     return None
-  count = min(len(samples), config.eval.batch_size)
-  chosen = np.unique(np.linspace(0, len(samples) - 1, count).round().astype(int))
-  loader = inference.eval_loader(config, [samples[i] for i in chosen])
-  with iter(loader) as batches:
-    batch = next(batches)
-  aux = jax.jit(lambda t, s, x: run.model.apply_eval(t, s, x)[2])(
-    run.teacher_vars, run.student_vars, batch['image']
+  query = np.stack([queries[i] for i in sorted(queries)])
+  params = run.student_vars['params']['memory']
+  embedding, weights = memory.read(
+    query, params['memory'], m.temperature, m.shrink, m.mode, params.get('gate')
   )
-  valid = np.asarray(batch['valid'])
-  aux = {k: np.asarray(aux[k])[valid] for k in ('memory_weights', 'query', 'embedding')}
-  out = memory.usage(aux['memory_weights'], aux['query'], aux['embedding'])
-  out['images'] = int(valid.sum())
-  if config.model.memory.mode == 'residual':
-    out['gate'] = float(run.student_vars['params']['memory']['gate'])
+  out = memory.usage(weights, query, embedding)
+  out['images'] = len(query)
+  if m.mode == 'residual':
+    out['gate'] = float(params['gate'])
   return out
 
 
@@ -316,13 +355,13 @@ def evaluate(
   samples = data_lib.list_samples(reader, root, config.data.category, 'test')
   labels = np.array([s.label for s in samples], np.int32)
   keep = set(picture_indices(labels, config.eval.num_pictures).tolist()) if pictures else set()
-  scored = score_split(run, samples, keep)
+  scored = score_split(run, samples, keep, memory_rows(run, len(samples)))
   results, per_defect = compute_metrics(scored)
   threshold = threshold_results(workdir, run, scored)
   if threshold is not None:
     results.update({k: threshold[k] for k in THRESHOLD_METRICS})
   if distributed.is_main_process():  # every process has the results; one writes them
-    reads = memory_usage(run, samples)
+    reads = memory_usage(run, scored.queries)
     write_reports(workdir, run, scored, results, per_defect, pictures, threshold, reads)
   with metric_writers.MetricWriter(workdir, enabled=distributed.is_main_process()) as writer:
     writer.add_scalars(int(run.meta['data_step']), results, prefix='eval')

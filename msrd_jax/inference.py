@@ -56,18 +56,22 @@ def eval_loader(config: ml_collections.ConfigDict, samples: list, **options) -> 
   )
 
 
-def make_predict_fn(model: MSRD, config: ml_collections.ConfigDict) -> Callable:
+def make_predict_fn(
+  model: MSRD, config: ml_collections.ConfigDict, with_query: bool = False
+) -> Callable:
   """A jitted (teacher_vars, student_vars, images) -> (maps (B, R, R), scores (B,)).
 
   images: (B, S, S, 3) float32 in [0, 1]; R = eval.resolution (default S).
+  with_query: also return the one-class embedding before the memory, (B, h, w, D), from
+  the same forward pass (what evaluate.memory_usage reads the memory bank with).
   """
   resolution = config.eval.resolution or config.data.image_size
   e = config.eval
 
   @jax.jit
   def predict(teacher_vars, student_vars, images):
-    feats, decoded, _ = model.apply_eval(teacher_vars, student_vars, images)
-    return anomaly_map_lib.anomaly_map(
+    feats, decoded, aux = model.apply_eval(teacher_vars, student_vars, images)
+    maps, scores = anomaly_map_lib.anomaly_map(
       feats,
       decoded,
       resolution,
@@ -75,6 +79,7 @@ def make_predict_fn(model: MSRD, config: ml_collections.ConfigDict) -> Callable:
       sigma=float(e.sigma),
       align_corners=bool(e.align_corners),
     )
+    return (maps, scores, aux['query']) if with_query else (maps, scores)
 
   return predict
 
@@ -118,12 +123,14 @@ def load_run(
 
 def predictions(
   run: Run, batches: Iterable[dict], predict_fn: Callable | None = None
-) -> Iterator[tuple[dict, np.ndarray, np.ndarray]]:
+) -> Iterator[tuple]:
   """(batch, maps (b, R, R), scores (b,)) for each batch of an EvalLoader.
 
-  Only the valid rows of a padded batch are returned (b <= the batch size); the
-  batch's own arrays keep their padding. The next batch is dispatched to the device
-  before this one's results are fetched, so that decoding and compute overlap.
+  predict_fn: a `make_predict_fn` (default: the run's, without the query); each of its
+  outputs follows the batch, cut to the valid rows. Only the valid rows of a padded
+  batch are returned (b <= the batch size); the batch's own arrays keep their padding.
+  The next batch is dispatched to the device before this one's results are fetched, so
+  that decoding and compute overlap.
   """
   predict_fn = predict_fn or make_predict_fn(run.model, run.config)
   pending = None
@@ -136,7 +143,6 @@ def predictions(
     yield _fetch(*pending)
 
 
-def _fetch(batch: dict, out) -> tuple[dict, np.ndarray, np.ndarray]:
-  maps, scores = jax.device_get(out)
+def _fetch(batch: dict, out: tuple) -> tuple:
   valid = int(np.sum(batch['valid']))
-  return batch, maps[:valid], scores[:valid]
+  return (batch, *(x[:valid] for x in jax.device_get(out)))

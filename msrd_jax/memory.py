@@ -40,9 +40,37 @@ def read_weights(z: jax.Array, memory: jax.Array, temperature: float, shrink: fl
   return w
 
 
+def position_entropy(w: jax.Array) -> jax.Array:
+  """-sum_k w_k log(w_k + 1e-12) of each query; w: (..., N) -> (...)."""
+  return -jnp.sum(w * jnp.log(w + SHRINK_EPS), axis=-1)
+
+
 def entropy(w: jax.Array) -> jax.Array:
-  """Mean over queries of -sum_k w_k log(w_k + 1e-12); w: (P, N)."""
-  return jnp.mean(-jnp.sum(w * jnp.log(w + SHRINK_EPS), axis=-1))
+  """Mean over queries of `position_entropy`; w: (P, N)."""
+  return jnp.mean(position_entropy(w))
+
+
+def read(
+  z: jax.Array,
+  memory: jax.Array,
+  temperature: float,
+  shrink: float | None,
+  mode: str,
+  gate: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """What the memory makes of the embedding z (..., D): (z', weights (..., N)).
+
+  memory: (N, D) slots; shrink None means 1 / N; mode 'replace' gives z' = w M,
+  'residual' z' = z + gate * w M. The weights are computed in float32 whatever z's dtype.
+  MemoryBank's forward, as a function of its parameters (evaluate.memory_usage reads a
+  trained bank with it).
+  """
+  n, d = memory.shape
+  shrink = 1.0 / n if shrink is None else shrink
+  w = read_weights(z.reshape(-1, d).astype(jnp.float32), memory, temperature, shrink)
+  zhat = (w @ memory).reshape(z.shape).astype(z.dtype)
+  out = zhat if mode == 'replace' else z + gate.astype(z.dtype) * zhat
+  return out, w.reshape(*z.shape[:-1], n)
 
 
 class MemoryBank(nn.Module):
@@ -68,16 +96,9 @@ class MemoryBank(nn.Module):
     memory = self.param(
       'memory', lambda k, s: jax.random.uniform(k, s, jnp.float32, -bound, bound), (self.slots, d)
     )
-    shrink = 1.0 / self.slots if self.shrink is None else self.shrink
-    queries = z.reshape(-1, d).astype(jnp.float32)
-    w = read_weights(queries, memory, self.temperature, shrink)
-    zhat = (w @ memory).reshape(z.shape).astype(z.dtype)
-    if self.mode == 'replace':
-      out = zhat
-    else:
-      gate = self.param('gate', nn.initializers.zeros, ())
-      out = z + gate.astype(z.dtype) * zhat
-    return out, entropy(w), w.reshape(*z.shape[:-1], self.slots)
+    gate = self.param('gate', nn.initializers.zeros, ()) if self.mode == 'residual' else None
+    out, w = read(z, memory, self.temperature, self.shrink, self.mode, gate)
+    return out, entropy(w.reshape(-1, self.slots)), w
 
 
 def usage(weights, query, embedding) -> dict:
@@ -100,7 +121,7 @@ def usage(weights, query, embedding) -> dict:
   w = np.asarray(weights, np.float64)
   n = w.shape[-1]
   w = w.reshape(-1, n)
-  entropy_per_position = -np.sum(w * np.log(w + SHRINK_EPS), axis=-1)
+  entropy_per_position = np.asarray(position_entropy(w), np.float64)
   q = np.asarray(query, np.float64).reshape(w.shape[0], -1)
   change = np.asarray(embedding, np.float64).reshape(q.shape) - q
   norms = np.maximum(np.linalg.norm(q, axis=-1), 1e-12)

@@ -30,8 +30,7 @@ class Student(nn.Module):
 
   aux: {'entropy': scalar read-weight entropy of the memory (0 when off),
         'query': (B, h4, w4, D) the one-class embedding before the memory,
-        'embedding': (B, h4, w4, D) the one-class embedding after the memory,
-        'memory_weights': (B, h4, w4, N) the memory's read weights (N = 0 when off)}.
+        'embedding': (B, h4, w4, D) the one-class embedding after the memory}.
   With `train`, BatchNorm uses (and updates) batch statistics.
   """
 
@@ -67,7 +66,7 @@ class Student(nn.Module):
     else:
       raise ValueError(f"model.fusion must be 'msff' or 'mff', got {self.fusion!r}")
     query = OCE(self.arch, self.oce_blocks, self.layers, name='oce')(fuse(features, train), train)
-    z, entropy, weights = MemoryBank(
+    z, entropy, _ = MemoryBank(
       self.memory_slots,
       self.memory_temperature,
       self.memory_shrink,
@@ -77,7 +76,7 @@ class Student(nn.Module):
     decoded = Decoder(
       self.arch, attention='decoder' in self.attention, layers=self.layers, name='decoder'
     )(z, train)
-    aux = {'entropy': entropy, 'query': query, 'embedding': z, 'memory_weights': weights}
+    aux = {'entropy': entropy, 'query': query, 'embedding': z}
     return decoded, aux
 
 

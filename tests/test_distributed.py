@@ -2,9 +2,9 @@
 
 Each test starts its own processes (loopback only, a free port), bounds every wait and
 kills whatever is left when it ends, passing or not. The model is the smallest the config
-allows (resnet18 teacher read from a file, 32 px, MFF fusion, no attention, no memory,
-one OCE block): what is tested is the plumbing between processes, and on 2 cores each
-process compiles its own programs.
+allows (resnet18 teacher read from a file, 32 px, MFF fusion, no attention, one OCE
+block, the memory bank only where evaluation gathers its reads): what is tested is the
+plumbing between processes, and on 2 cores each process compiles its own programs.
 """
 
 from __future__ import annotations
@@ -74,7 +74,6 @@ def _small_model_flags() -> list[str]:
     '--config.data.image_size=32',
     '--config.model.fusion=mff',
     '--config.model.coord_attention=()',
-    '--config.model.memory.mode=off',
     '--config.model.oce_blocks=1',
   ]
 
@@ -383,6 +382,22 @@ def test_a_killed_process_ends_the_job_and_a_restart_resumes_from_the_last_check
     results = json.load(f)
   assert 0.0 <= results['brick']['image_auroc'] <= 1.0
   assert os.path.isfile(os.path.join(workdir, 'pictures', 'examples.png'))
+  with open(os.path.join(workdir, 'evaluation.json')) as f:
+    reads = json.load(f)['memory']  # one batch of embeddings, gathered from both processes
+  assert reads['images'] == 8 and 1 <= reads['slots_read'] <= reads['slots'], reads
+  # The same evaluation in one process reads the same embeddings.
+  single = [a for a in flags if a != '--config.train.distributed=True']
+  subprocess.run(
+    [sys.executable, '-m', 'msrd_jax.evaluate', *single],
+    cwd=ROOT,
+    env=_env(xla_cache),
+    check=True,
+    capture_output=True,
+    timeout=300,
+  )
+  with open(os.path.join(workdir, 'evaluation.json')) as f:
+    alone = json.load(f)['memory']
+  assert alone == pytest.approx(reads, rel=1e-4), (alone, reads)
   assert not [f for f in os.listdir(workdir) if f.endswith('.tmp')]
 
   # 3. One process (this one, one device) reads what two processes wrote.

@@ -253,10 +253,12 @@ def test_every_eval_field_reaches_evaluation(run_with_teacher_file, tmp_path):
   assert masks['pixel_auroc'] != nearest['pixel_auroc']
 
 
-@pytest.mark.parametrize('mode', ['off', 'residual'])
+@pytest.mark.parametrize('mode', ['off', 'residual', 'replace'])
 def test_memory_usage_of_an_untrained_student(tmp_path, mode):
-  """A 'residual' memory starts as the identity (gate 0): it changes nothing, whatever
-  it reads; without a memory bank there is nothing to report."""
+  """The memory's reads come from the scoring pass: the embeddings kept are the
+  forward's, and what the memory changes is what the forward's embedding after it says.
+  A 'residual' memory starts as the identity (gate 0): it changes nothing, whatever it
+  reads; without a memory bank there is nothing to report."""
   make_mvtec_tree(tmp_path, 'widget', n_train=2, size=(40, 30))
   config = tiny_config(str(tmp_path), 'widget')
   config.model.memory.mode = mode
@@ -267,10 +269,25 @@ def test_memory_usage_of_an_untrained_student(tmp_path, mode):
   run = inference.Run(config, model, teacher_vars, student_vars, {})
   reader, root = config_lib.resolve_data(config)
   samples = data_lib.list_samples(reader, root, 'widget', 'test')
-  reads = evaluate.memory_usage(run, samples)
+  rows = evaluate.memory_rows(run, len(samples))
+  scored = evaluate.score_split(run, samples, keep_queries=rows)
+  reads = evaluate.memory_usage(run, scored.queries)
   if mode == 'off':
-    assert reads is None
+    assert rows == set() and scored.queries == {} and reads is None
     return
-  assert reads['images'] == 4 and reads['gate'] == 0.0 and reads['relative_change'] == 0.0
-  assert reads['slots'] == config.model.memory.slots
+  assert len(rows) == 4 and sorted(scored.queries) == sorted(rows)
+  assert reads['images'] == 4 and reads['slots'] == config.model.memory.slots
   assert 1 <= reads['slots_read'] <= reads['slots']
+  if mode == 'residual':
+    assert reads['gate'] == 0.0 and reads['relative_change'] == 0.0
+    return
+  loader = inference.eval_loader(config, [samples[i] for i in sorted(rows)])
+  with iter(loader) as batches:
+    images = next(batches)['image']
+  _, _, aux = jax.jit(model.apply_eval)(teacher_vars, student_vars, images)
+  query, after = np.asarray(aux['query'], np.float64), np.asarray(aux['embedding'], np.float64)
+  np.testing.assert_allclose(
+    np.stack([scored.queries[i] for i in sorted(rows)]), query, rtol=1e-5, atol=1e-6
+  )
+  change = np.linalg.norm(after - query, axis=-1) / np.linalg.norm(query, axis=-1)
+  assert reads['relative_change'] == pytest.approx(change.mean(), rel=1e-4)
