@@ -19,11 +19,13 @@ trained saves its step first).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
 import traceback
 
+import jax
 import ml_collections
 from absl import app, flags
 
@@ -133,7 +135,23 @@ def _run_category(config: ml_collections.ConfigDict, workdir: str, results: dict
   except Exception as e:  # a crash in one category must not cost the others
     traceback.print_exc()
     return f'{type(e).__name__}: {e} (traceback above)'
+  finally:
+    release_compiled()
   return None
+
+
+def release_compiled() -> None:
+  """Frees the programs compiled for the category just run.
+
+  Every category builds its model and steps anew, and JAX keeps each compiled program
+  (a few thousand memory mappings of machine code on the CPU) for as long as the
+  process lives. One process running many categories (a data set, an ablation) would
+  reach the kernel's limit on mappings (vm.max_map_count, 65530 by default) after about
+  30 trainings and die with "LLVM compilation error: Cannot allocate memory". The next
+  category compiles its own programs again anyway (from the persistent cache if on).
+  """
+  jax.clear_caches()
+  gc.collect()
 
 
 def _write(workdir: str, results: dict) -> None:
