@@ -52,8 +52,9 @@ METRICS = (
 class Variant:
   """One row of the ablation: the model fields it sets and what it adds to.
 
-  parent: the variant this one adds one thing to, when that is not the baseline (its
-    difference to the parent isolates that one thing).
+  parent: the variant this one differs from in one thing, when that is not the baseline
+    (its difference to the parent isolates that one thing: an addition, a swap or a
+    removal).
   """
 
   name: str
@@ -82,6 +83,14 @@ VARIANTS: dict[str, Variant] = {
       'msff',
       ('fusion', 'decoder'),
       'residual',
+      parent='msrd',
+    ),
+    Variant(
+      'msrd_mff',
+      'full MSRD without MSFF (RD4AD: MFF; attention in the decoder)',
+      'mff',
+      ('decoder',),
+      'replace',
       parent='msrd',
     ),
   )

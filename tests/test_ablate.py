@@ -27,6 +27,7 @@ def test_variants_set_the_right_fields():
     'memory': ('mff', (), 'replace'),
     'msrd': ('msff', ('fusion', 'decoder'), 'replace'),
     'msrd_residual': ('msff', ('fusion', 'decoder'), 'residual'),
+    'msrd_mff': ('mff', ('decoder',), 'replace'),
   }
   assert list(ablate.VARIANTS) == list(expected)
   for name, (fusion, attention, memory) in expected.items():
