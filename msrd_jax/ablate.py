@@ -50,7 +50,7 @@ METRICS = (
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-  """One row of the ablation: the model fields it sets and what it adds to.
+  """One row of the ablation: the model fields it sets and what it is compared with.
 
   parent: the variant this one differs from in one thing, when that is not the baseline
     (its difference to the parent isolates that one thing: an addition, a swap or a

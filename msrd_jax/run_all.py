@@ -136,19 +136,20 @@ def _run_category(config: ml_collections.ConfigDict, workdir: str, results: dict
     traceback.print_exc()
     return f'{type(e).__name__}: {e} (traceback above)'
   finally:
-    release_compiled()
+    _release_compiled()
   return None
 
 
-def release_compiled() -> None:
+def _release_compiled() -> None:
   """Frees the programs compiled for the category just run.
 
-  Every category builds its model and steps anew, and JAX keeps each compiled program
-  (a few thousand memory mappings of machine code on the CPU) for as long as the
-  process lives. One process running many categories (a data set, an ablation) would
-  reach the kernel's limit on mappings (vm.max_map_count, 65530 by default) after about
-  30 trainings and die with "LLVM compilation error: Cannot allocate memory". The next
-  category compiles its own programs again anyway (from the persistent cache if on).
+  Every category builds its model and steps anew, and JAX keeps every compiled program
+  for as long as the process lives; on the CPU one category's programs hold about two
+  thousand memory mappings of machine code. One process running many categories (a data
+  set, an ablation) would reach the kernel's limit on mappings (vm.max_map_count, 65530
+  by default) after about 30 trainings and die with "LLVM compilation error: Cannot
+  allocate memory". The next category compiles its own programs again anyway (from the
+  persistent cache if on).
   """
   jax.clear_caches()
   gc.collect()
