@@ -93,6 +93,14 @@ VARIANTS: dict[str, Variant] = {
       'replace',
       parent='msrd',
     ),
+    Variant(
+      'msrd_decoder_ca',
+      'full MSRD, attention in the decoder only (MSFF without its attention)',
+      'msff',
+      ('decoder',),
+      'replace',
+      parent='msrd',
+    ),
   )
 }
 

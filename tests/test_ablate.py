@@ -28,6 +28,7 @@ def test_variants_set_the_right_fields():
     'msrd': ('msff', ('fusion', 'decoder'), 'replace'),
     'msrd_residual': ('msff', ('fusion', 'decoder'), 'residual'),
     'msrd_mff': ('mff', ('decoder',), 'replace'),
+    'msrd_decoder_ca': ('msff', ('decoder',), 'replace'),
   }
   assert list(ablate.VARIANTS) == list(expected)
   for name, (fusion, attention, memory) in expected.items():
