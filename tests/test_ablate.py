@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import shlex
 
 import numpy as np
 import pytest
-from conftest import cli, tiny_config
+from conftest import ROOT, cli, tiny_config
 from data_fixtures import make_mvtec_tree
 
-from msrd_jax import ablate, train
+from msrd_jax import ablate, run_config, train
 from msrd_jax import config as config_lib
 
 # ------------------------------------------------------------------------ variants
@@ -48,6 +51,38 @@ def test_variants_set_the_right_fields():
   assert base.model.fusion == 'msff' and base.seed == 7  # the config itself is untouched
   base.model.teacher_seed = 2
   assert ablate.variant_config(base, 'rd', 0).model.teacher_seed == 2
+
+
+def test_the_readmes_flags_for_the_method_without_msff_train_msrd_mff(tmp_path):
+  # The README tells users how to train the full method without MSFF from the command
+  # line; those flags, given to `train` as a user would, must set what the ablation's
+  # msrd_mff variant measures.
+  readme = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
+  flags = shlex.split(re.search(r'without MSFF is `([^`]+)`', readme).group(1))
+  root = make_mvtec_tree(tmp_path / 'data', n_train=4, size=(96, 96))
+  workdir = tmp_path / 'run'
+  out = cli(
+    'msrd_jax.train',
+    '--config=configs/mvtec.py:widget',
+    f'--workdir={workdir}',
+    *flags,
+    f'--config.data.root={os.path.dirname(root)}',
+    '--config.model.backbone=resnet18',
+    '--config.model.oce_blocks=1',
+    '--config.data.image_size=96',
+    '--config.train.batch_size=4',
+    '--config.train.steps=1',
+    '--config.eval.after_training=False',
+    '--config.calibration.source=none',
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  model = run_config.load(str(workdir)).model
+  want = ablate.variant_config(config_lib.base_config(), 'msrd_mff', 0).model
+  assert (model.fusion, tuple(model.coord_attention), model.memory.mode) == (
+    want.fusion,
+    tuple(want.coord_attention),
+    want.memory.mode,
+  )
 
 
 def test_variant_selection_keeps_the_baseline_first_and_refuses_unknown_names():
