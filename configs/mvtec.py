@@ -16,6 +16,12 @@ porting torchvision's ImageNet checkpoint once:
 categories in one go: `python -m msrd_jax.run_all --config configs/mvtec.py ...`.
 The same config serves BTAD, MPDD and one's own data in the MVTec layout (point
 data.root at it), and VisA with --config.data.dataset=visa.
+
+The model is the full method (MSFF, coordinate attention in the fusion and the decoder,
+memory bank `replace`), as the article describes it. With a random teacher and this
+config's training, MSFF did not help (README, "With RD4AD's training");
+the method without it is --config.model.fusion=mff "--config.model.coord_attention=('decoder',)",
+and `python -m msrd_jax.ablate --variants msrd,msrd_mff` measures both with your teacher.
 """
 
 from msrd_jax.config import base_config
