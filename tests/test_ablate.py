@@ -57,8 +57,13 @@ def test_the_readmes_flags_for_the_method_without_msff_train_msrd_mff(tmp_path):
   # The README tells users how to train the full method without MSFF from the command
   # line; those flags, given to `train` as a user would, must set what the ablation's
   # msrd_mff variant measures.
-  readme = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
-  flags = shlex.split(re.search(r'without MSFF is `([^`]+)`', readme).group(1))
+  with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+    found = re.search(r'without MSFF is `([^`]+)`', f.read())
+  assert found, 'README.md has lost the flags for the method without MSFF'
+  flags = shlex.split(found.group(1))
+  # configs/mvtec.py's docstring repeats them; both must say the same.
+  with open(os.path.join(ROOT, 'configs', 'mvtec.py'), encoding='utf-8') as f:
+    assert found.group(1) in f.read()
   root = make_mvtec_tree(tmp_path / 'data', n_train=4, size=(96, 96))
   workdir = tmp_path / 'run'
   out = cli(
