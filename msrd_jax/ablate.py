@@ -5,14 +5,14 @@
         --config.model.teacher_weights=teachers/wide_resnet50_2.msgpack \
         --seeds 0,1,2 [--variants rd,msff,msrd] [--categories bottle,carpet]
 
-Every variant sets model.fusion, model.coord_attention and model.memory.mode on top of
-the config (VARIANTS below); everything else (data, steps, optimizer, evaluation) is the
-config's, the same for all. For each seed k the config's `seed` becomes k, which fixes
-the student's initialization and the order of the training images, the same for every
-variant of that seed. The teacher does not follow the seed: a ported teacher is one
-file, and a random one (no teacher_weights) is drawn once from model.teacher_seed, else
-the config's own seed, and pinned for every run, so that seeds vary training alone, as
-they would with ImageNet weights.
+Every variant sets model.fusion, model.msff.form, model.coord_attention and
+model.memory.mode on top of the config (VARIANTS below); everything else (data, steps,
+optimizer, evaluation) is the config's, the same for all. For each seed k the config's
+`seed` becomes k, which fixes the student's initialization and the order of the training
+images, the same for every variant of that seed. The teacher does not follow the seed: a
+ported teacher is one file, and a random one (no teacher_weights) is drawn once from
+model.teacher_seed, else the config's own seed, and pinned for every run, so that seeds
+vary training alone, as they would with ImageNet weights.
 
 Each variant and seed is a `run_all` in DIR/<variant>/seed<k>/ (one folder per
 category), so an interrupted study continues where it stopped when run again, and
@@ -63,6 +63,7 @@ class Variant:
   coord_attention: tuple[str, ...]
   memory: str
   parent: str | None = None
+  msff_form: str = 'normalized'
 
 
 BASELINE = 'rd'
@@ -101,6 +102,15 @@ VARIANTS: dict[str, Variant] = {
       'replace',
       parent='msrd',
     ),
+    Variant(
+      'msrd_gated',
+      "full MSRD, MSFF gated (the other levels' gates start at zero: it starts as MFF)",
+      'msff',
+      ('fusion', 'decoder'),
+      'replace',
+      parent='msrd',
+      msff_form='gated',
+    ),
   )
 }
 
@@ -123,7 +133,13 @@ def variant_config(
   c.model.fusion = v.fusion
   c.model.coord_attention = tuple(v.coord_attention)
   c.model.memory.mode = v.memory
+  c.model.msff.form = v.msff_form
   return c
+
+
+def _fusion_cell(v: Variant) -> str:
+  """model.fusion, with MSFF's form where it is not design.md's."""
+  return v.fusion if v.fusion == 'mff' or v.msff_form == 'normalized' else f'msff ({v.msff_form})'
 
 
 def run_dir(workdir: str, variant: str, seed: int) -> str:
@@ -259,7 +275,7 @@ def markdown(
   out += _table(
     ['Variant', 'model.fusion', 'model.coord_attention', 'model.memory.mode', 'what it is'],
     [
-      [v, VARIANTS[v].fusion, str(VARIANTS[v].coord_attention), VARIANTS[v].memory]
+      [v, _fusion_cell(VARIANTS[v]), str(VARIANTS[v].coord_attention), VARIANTS[v].memory]
       + [VARIANTS[v].description]
       for v in variants
     ],

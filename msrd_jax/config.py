@@ -14,6 +14,7 @@ from msrd_jax.errors import UserError
 
 ARCHITECTURES = ('resnet18', 'resnet34', 'resnet50', 'wide_resnet50_2', 'wide_resnet101_2')
 FUSIONS = ('msff', 'mff')
+MSFF_FORMS = ('normalized', 'gated')
 ATTENTION_PLACES = ('fusion', 'decoder')
 MEMORY_MODES = ('replace', 'residual', 'off')
 LOSSES = ('global', 'pixel')
@@ -38,7 +39,12 @@ def base_config() -> ml_collections.ConfigDict:
   # Path written by `python -m msrd_jax.port`, or None for a random teacher.
   c.model.teacher_weights = ml_collections.FieldReference(None, field_type=str)
   c.model.fusion = 'msff'
-  c.model.msff = ml_collections.ConfigDict({'init_self': 1.0, 'init_other': 0.5})
+  # form 'normalized' is design.md's fusion (init_self, init_other: its logits' start);
+  # 'gated' adds the other levels to each level's own through learned gates that start
+  # at gate_init (README, Ablation study: MSFF's form).
+  c.model.msff = ml_collections.ConfigDict(
+    {'init_self': 1.0, 'init_other': 0.5, 'form': 'normalized', 'gate_init': 0.0}
+  )
   c.model.coord_attention = ('fusion', 'decoder')
   c.model.memory = ml_collections.ConfigDict()
   c.model.memory.mode = 'replace'
@@ -156,6 +162,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       "model.coord_attention has 'fusion', which needs model.fusion = 'msff' (RD's "
       "mff has no fused maps to attend to); drop 'fusion' or use msff"
     )
+  problems += _one_of('model.msff.form', m.msff.form, MSFF_FORMS)
   problems += _one_of('model.memory.mode', m.memory.mode, MEMORY_MODES)
   problems += _one_of('model.init', m.init, INITS)
   if m.memory.slots < 1:

@@ -6,6 +6,11 @@ are fused with learned, normalized, unequal weights (BiFPN's fast normalized fus
 fused map goes through coordinate attention, and then RD's alignment brings the three
 levels to stride 16 for concatenation.
 
+MSFF's 'gated' form (not the article's; README, Ablation study) keeps each level as it is
+and adds the other levels' mappings through learned scalar gates that start at
+`gate_init` (0: the fusion starts as RD's MFF and has to earn the mixing, as ReZero,
+Bachlechner et al. 2020, starts residual branches at zero).
+
 MFF (RD4AD's original): the alignment and concatenation applied to e1, e2, e3 directly.
 """
 
@@ -88,6 +93,12 @@ class Mapping(nn.Module):
 class MSFF(nn.Module):
   """Enhanced multi-scale mutual-mapping fusion.
 
+  form 'normalized' (design.md): G_i = relu(sum_j w_ij T(j->i)(e_j)), w from the learned
+    logits `fusion_logits` (init_self on the diagonal, init_other elsewhere) by
+    `fusion_weights`.
+  form 'gated': G_i = relu(e_i + sum_{j != i} g_ij T(j->i)(e_j)), g the learned
+    `cross_gates` (off-diagonal entries used; all start at gate_init).
+
   features: [e1, e2, e3] (B, h_k, w_k, C_k) -> (B, h3, w3, 3 * C3).
   """
 
@@ -95,19 +106,30 @@ class MSFF(nn.Module):
   init_self: float = 1.0
   init_other: float = 0.5
   attention: bool = True
+  form: str = 'normalized'
+  gate_init: float = 0.0
   layers: Layers = Layers()
 
   @nn.compact
   def __call__(self, features: Sequence[jax.Array], train: bool = False) -> jax.Array:
     levels = len(features)
-    a = self.param(
-      'fusion_logits',
-      lambda _, n: jnp.where(jnp.eye(n, dtype=bool), self.init_self, self.init_other).astype(
-        jnp.float32
-      ),
-      levels,
-    )
-    w = fusion_weights(a).astype(self.layers.dtype)
+    if self.form == 'normalized':
+      a = self.param(
+        'fusion_logits',
+        lambda _, n: jnp.where(jnp.eye(n, dtype=bool), self.init_self, self.init_other).astype(
+          jnp.float32
+        ),
+        levels,
+      )
+      w = fusion_weights(a)
+    elif self.form == 'gated':
+      gates = self.param(
+        'cross_gates', lambda _, n: jnp.full((n, n), self.gate_init, jnp.float32), levels
+      )
+      w = jnp.where(jnp.eye(levels, dtype=bool), 1.0, gates)
+    else:
+      raise ValueError(f"MSFF form must be 'normalized' or 'gated', got {self.form!r}")
+    w = w.astype(self.layers.dtype)
     fused = []
     for i in range(levels):
       hw = features[i].shape[1:3]

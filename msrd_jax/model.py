@@ -38,6 +38,8 @@ class Student(nn.Module):
   fusion: str = 'msff'
   msff_init_self: float = 1.0
   msff_init_other: float = 0.5
+  msff_form: str = 'normalized'
+  msff_gate_init: float = 0.0
   attention: tuple[str, ...] = ('fusion', 'decoder')
   memory_mode: str = 'replace'
   memory_slots: int = 50
@@ -58,6 +60,8 @@ class Student(nn.Module):
         self.msff_init_self,
         self.msff_init_other,
         attention='fusion' in self.attention,
+        form=self.msff_form,
+        gate_init=self.msff_gate_init,
         layers=self.layers,
         name='fusion',
       )
@@ -89,6 +93,8 @@ def student_from_config(
     fusion=m.fusion,
     msff_init_self=m.msff.init_self,
     msff_init_other=m.msff.init_other,
+    msff_form=m.msff.get('form', 'normalized'),
+    msff_gate_init=m.msff.get('gate_init', 0.0),
     attention=tuple(m.coord_attention),
     memory_mode=m.memory.mode,
     memory_slots=m.memory.slots,

@@ -32,7 +32,10 @@ def test_variants_set_the_right_fields():
     'msrd_residual': ('msff', ('fusion', 'decoder'), 'residual'),
     'msrd_mff': ('mff', ('decoder',), 'replace'),
     'msrd_decoder_ca': ('msff', ('decoder',), 'replace'),
+    'msrd_gated': ('msff', ('fusion', 'decoder'), 'replace'),
   }
+  forms = {'msrd_gated': 'gated'}  # every other variant: design.md's 'normalized'
+  base.model.msff.form = 'gated'  # a variant sets the form; it does not inherit it
   assert list(ablate.VARIANTS) == list(expected)
   for name, (fusion, attention, memory) in expected.items():
     for seed in (0, 3):
@@ -43,12 +46,14 @@ def test_variants_set_the_right_fields():
         attention,
         memory,
       )
+      assert c.model.msff.form == forms.get(name, 'normalized')
       assert c.seed == seed
       # The random teacher is the config's (seed 7) for every variant and seed.
       assert c.model.teacher_seed == 7
       # Everything else is the config's.
       assert c.train.to_dict() == base.train.to_dict() and c.data.to_dict() == base.data.to_dict()
-  assert base.model.fusion == 'msff' and base.seed == 7  # the config itself is untouched
+  # The config itself is untouched.
+  assert base.model.fusion == 'msff' and base.seed == 7 and base.model.msff.form == 'gated'
   base.model.teacher_seed = 2
   assert ablate.variant_config(base, 'rd', 0).model.teacher_seed == 2
 
@@ -197,6 +202,23 @@ def test_difference_to_the_parent_variant():
   assert parent['parent'] == 'msff'
   assert parent['image_auroc']['mean'] == pytest.approx(0.02)
   assert set(summary['difference_to_parent']) == {'ca_fusion'}
+
+
+def test_the_table_names_msffs_form_where_it_is_not_design_mds():
+  results = _made_up_results()
+  results['msrd'] = results['msff']
+  results['msrd_gated'] = results['msff']
+  summary = ablate.summarize(results, ['a', 'b'], ('image_auroc',))
+  md = ablate.markdown(
+    summary, ['rd', 'msrd', 'msrd_gated'], [0, 1, 2], ['a', 'b'], [('image_auroc', 'I')]
+  )
+  rows = {
+    line.split('|')[1].strip(): line.split('|')[2].strip()
+    for line in md.splitlines()
+    if line.startswith('| ') and line.count('|') == 6
+  }
+  assert rows['rd'] == 'mff' and rows['msrd'] == 'msff' and rows['msrd_gated'] == 'msff (gated)'
+  assert summary['difference_to_parent']['msrd_gated']['parent'] == 'msrd'
 
 
 # -------------------------------------------------------------------- end to end

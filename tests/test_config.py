@@ -27,6 +27,7 @@ def test_base_config_is_valid():
     ('model.backbone', 'resnet152', 'model.backbone'),
     ('model.fusion', 'bifpn', 'model.fusion'),
     ('model.memory.mode', 'sparse', 'model.memory.mode'),
+    ('model.msff.form', 'weighted', 'model.msff.form'),
     ('model.coord_attention', ('fusion', 'encoder'), 'encoder'),
   ],
 )

@@ -47,6 +47,7 @@ FIELDS = [
   ('model.coord_attention', (), 'tree'),
   ('model.msff.init_self', 2.0, 'init'),
   ('model.msff.init_other', 0.1, 'init'),
+  ('model.msff.form', 'gated', 'tree'),  # cross_gates in place of fusion_logits
   ('model.memory.mode', 'residual', 'tree'),  # adds the learned gate
   ('model.memory.mode', 'off', 'tree'),
   ('model.memory.slots', 7, 'tree'),
@@ -104,6 +105,22 @@ def test_the_base_config_is_what_the_cases_assume(base):
   assert config.model.fusion == 'msff' and config.model.memory.mode == 'replace'
   assert config.train.loss == 'global' and config.model.init == 'kaiming'
   assert 'memory' in run.student_vars['params']  # the memory fields have a memory to act on
+
+
+def test_gate_init_reaches_training(synthetic_root, tmp_path):
+  # model.msff.gate_init is read by the gated form only (the base is 'normalized'), so
+  # it is changed from a gated base; it sets where the gates start, nothing else.
+  losses, runs = [], []
+  for gate_init in (0.0, 0.3):
+    workdir = str(tmp_path / str(gate_init))
+    config = _config(synthetic_root, 'model.msff.form', 'gated')
+    config.model.msff.gate_init = gate_init
+    train.train(config, workdir)
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      losses.append(json.loads(f.readline())['loss'])
+    runs.append(inference.load_run(config, workdir))
+  assert losses[0] != pytest.approx(losses[1], rel=1e-6, abs=0)
+  assert _tree(runs[0].student_vars) == _tree(runs[1].student_vars)
 
 
 @pytest.mark.parametrize(('field', 'value', 'reach'), FIELDS, ids=lambda x: str(x))

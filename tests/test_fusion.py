@@ -150,3 +150,63 @@ def test_msff_fuses_with_normalized_weights():
       want = fusion.ConvBNReLU(channels[i + 1], 2).apply(sub, jnp.asarray(g_ref, jnp.float32))
       got = state['intermediates']['align'][name]['__call__'][0]
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+def _mapped(variables, feats, channels, j, i):
+  """T(j -> i)(e_j) with the mapping's own variables out of an MSFF's."""
+  if i == j:
+    return np.asarray(feats[j])
+  name = f'map_{j + 1}_to_{i + 1}'
+  sub = {c: v[name] for c, v in variables.items() if name in v}
+  return np.asarray(fusion.Mapping(j, i, channels).apply(sub, feats[j], feats[i].shape[1:3]))
+
+
+def test_gated_msff_adds_the_other_levels_through_its_gates():
+  """Form 'gated': G_i = relu(e_i + sum_{j != i} g_ij T(j->i)(e_j)); the diagonal of the
+  gates is not read."""
+  channels = (4, 6, 8)
+  feats = _features(channels, b=1, h1=8, w1=4, seed=9)
+  msff = fusion.MSFF(channels, attention=False, form='gated')
+  variables = flax.core.unfreeze(randomize(msff.init(jax.random.key(0), feats), seed=10))
+  assert 'fusion_logits' not in variables['params']
+  g = np.array([[5.0, -0.5, 0.25], [0.3, -7.0, 1.5], [2.0, 0.1, 3.0]], np.float32)
+  variables['params']['cross_gates'] = jnp.asarray(g)
+  out = np.asarray(msff.apply(variables, feats))
+  g3 = np.asarray(feats[2], np.float64) + sum(
+    g[2, j] * _mapped(variables, feats, channels, j, 2) for j in (0, 1)
+  )
+  np.testing.assert_allclose(out[..., -channels[2] :], np.maximum(g3, 0), rtol=1e-4, atol=1e-5)
+
+
+def test_gated_msff_starts_as_rds_mff_and_learns_its_gates():
+  """With its gates at their initial zero, gated MSFF is RD's MFF (same alignment
+  weights) on non-negative teacher features, and the gates still get a gradient."""
+  channels = (4, 6, 8)
+  feats = [jnp.abs(f) for f in _features(channels, b=2, h1=8, w1=8, seed=11)]  # post-ReLU
+  msff = fusion.MSFF(channels, attention=False, form='gated')
+  initial = msff.init(jax.random.key(0), feats)
+  np.testing.assert_array_equal(np.asarray(initial['params']['cross_gates']), np.zeros((3, 3)))
+  variables = flax.core.unfreeze(randomize(initial, seed=12))  # random mappings and alignment
+  variables['params']['cross_gates'] = initial['params']['cross_gates']
+  params = variables['params']
+  align = {c: v['align'] for c, v in variables.items()}
+  np.testing.assert_allclose(
+    np.asarray(msff.apply(variables, feats)),
+    np.asarray(fusion.MFF(channels).apply(align, feats)),
+    rtol=1e-6,
+    atol=1e-6,
+  )
+
+  def total(p):
+    return jnp.sum(msff.apply({**variables, 'params': p}, feats) ** 2)
+
+  grad = np.asarray(jax.grad(total)(params)['cross_gates'])
+  off = ~np.eye(3, dtype=bool)
+  assert (np.abs(grad[off]) > 0).all()
+  assert (grad[~off] == 0).all()  # the diagonal is not read
+
+
+def test_msff_refuses_an_unknown_form():
+  channels = (4, 6, 8)
+  with pytest.raises(ValueError, match='weighted'):
+    fusion.MSFF(channels, form='weighted').init(jax.random.key(0), _features(channels))
