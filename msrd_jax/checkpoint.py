@@ -157,7 +157,19 @@ def identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return {k: v for k, v in out.items() if k not in NOT_IDENTITY}
 
 
+# Identity fields added after checkpoints were first written, with the value whose
+# behaviour the code had before the field existed: a checkpoint that lacks one was made
+# with that value, and loads under a config that has it (and under no other).
+ADDED_FIELDS: dict[str, Any] = {
+  'model.init': 'kaiming',
+  'model.teacher_seed': None,
+  'model.msff.form': 'normalized',
+  'model.msff.gate_init': 0.0,
+}
+
+
 def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+  stored = {**{k: v for k, v in ADDED_FIELDS.items() if k in current}, **stored}
   keys = sorted(set(stored) | set(current))
   return [
     f'{k}: checkpoint has {stored.get(k, "<absent>")!r}, config has {current.get(k, "<absent>")!r}'

@@ -9,6 +9,7 @@ from conftest import cli, mtimes, set_field
 from flax.traverse_util import flatten_dict
 
 from msrd_jax import checkpoint, teacher
+from msrd_jax import config as config_lib
 
 
 def _changed(value):
@@ -87,3 +88,19 @@ def test_the_train_command_lists_every_difference_and_touches_nothing(saved_run)
   for field in ('data.image_size', 'train.batch_size', 'model.memory.mode'):
     assert f'  {field}: checkpoint has' in result.stderr, (field, result.stderr)
   assert mtimes(workdir) == before
+
+
+def test_a_checkpoint_older_than_a_field_loads_with_the_fields_earlier_behaviour():
+  # A checkpoint written before an identity field existed lacks it in its meta; it was
+  # made with the behaviour that the field's ADDED_FIELDS value selects.
+  current = {'model.fusion': 'msff', **checkpoint.ADDED_FIELDS}
+  old = {'model.fusion': 'msff'}
+  assert checkpoint.differences(old, current) == []
+  for field in checkpoint.ADDED_FIELDS:
+    other = {**current, field: _changed(current[field])}
+    listed = checkpoint.differences(old, other)
+    assert len(listed) == 1 and listed[0].startswith(f'{field}: '), listed
+  # Each of them is a field of the config, at the value that keeps the earlier behaviour
+  # in base_config.
+  base = checkpoint.identity(config_lib.base_config())
+  assert {k: base[k] for k in checkpoint.ADDED_FIELDS} == checkpoint.ADDED_FIELDS
