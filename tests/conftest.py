@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -85,6 +86,16 @@ def tiny_config(root: str, category: str = 'brick', steps: int = 6):
   # a threshold calibrate explicitly (calibrated_run) on fewer.
   c.calibration.source = 'none'
   return c
+
+
+def config_file(name: str, arg: str | None = None):
+  """The config of configs/<name>.py, loaded from its file as --config loads it."""
+  spec = importlib.util.spec_from_file_location(
+    f'{name}_config', os.path.join(ROOT, 'configs', f'{name}.py')
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def set_field(config, dotted: str, value) -> None:

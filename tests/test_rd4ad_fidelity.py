@@ -3,14 +3,13 @@ each of them does."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import config_file
 from data_fixtures import make_mvtec_tree
 
 from msrd_jax import config as config_lib
@@ -21,23 +20,11 @@ from msrd_jax.decoder import DecoderBlock
 from msrd_jax.layers import Layers
 from msrd_jax.model import student_from_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _mvtec_config():
-  """configs/mvtec.py's config, loaded from its file as --config loads it."""
-  path = os.path.join(ROOT, 'configs', 'mvtec.py')
-  spec = importlib.util.spec_from_file_location('mvtec_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 # ------------------------------------------------------------------------- the switches
 
 
 def test_mvtec_config_follows_rd4ad_and_base_keeps_the_earlier_behaviour():
-  base, paper = config_lib.base_config(), _mvtec_config()
+  base, paper = config_lib.base_config(), config_file('mvtec')
   assert (
     base.model.init,
     base.train.steps_per_epoch,
@@ -185,7 +172,7 @@ def test_kaiming_init_has_about_six_times_the_variance():
 
 
 def test_model_init_reaches_the_layers():
-  config = _mvtec_config()
+  config = config_file('mvtec')
   assert student_from_config(config).layers.init == 'pytorch'
   assert student_from_config(config_lib.base_config()).layers.init == 'kaiming'
   with pytest.raises(ValueError, match='init'):
