@@ -61,19 +61,21 @@ FIELDS = [
 ]
 
 
-def _config(root, field=None, value=None):
+def _config(root, field=None, value=None, first=()):
+  """The base config, with the (field, value) pairs of `first` and then `field` set."""
   c = tiny_config(root, steps=1)
   c.model.coord_attention = ('decoder',)  # so that both places can be switched on alone
   c.train.checkpoint_every_steps = 1
   c.eval.after_training = False
-  if field is not None:
-    set_field(c, field, value)
+  for f, v in (*first, (field, value)):
+    if f is not None:
+      set_field(c, f, v)
   return c
 
 
-def _trained(root, workdir, field=None, value=None):
+def _trained(root, workdir, field=None, value=None, first=()):
   """(config, first logged loss, Run) of a one-step run."""
-  config = _config(root, field, value)
+  config = _config(root, field, value, first)
   train.train(config, workdir)
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     loss = json.loads(f.readline())['loss']
@@ -110,15 +112,12 @@ def test_the_base_config_is_what_the_cases_assume(base):
 def test_gate_init_reaches_training(synthetic_root, tmp_path):
   # model.msff.gate_init is read by the gated form only (the base is 'normalized'), so
   # it is changed from a gated base; it sets where the gates start, nothing else.
-  losses, runs = [], []
-  for gate_init in (0.0, 0.3):
-    workdir = str(tmp_path / str(gate_init))
-    config = _config(synthetic_root, 'model.msff.form', 'gated')
-    config.model.msff.gate_init = gate_init
-    train.train(config, workdir)
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-      losses.append(json.loads(f.readline())['loss'])
-    runs.append(inference.load_run(config, workdir))
+  gated = [('model.msff.form', 'gated')]
+  (_, loss0, run0), (_, loss3, run3) = (
+    _trained(synthetic_root, str(tmp_path / str(g)), 'model.msff.gate_init', g, gated)
+    for g in (0.0, 0.3)
+  )
+  losses, runs = [loss0, loss3], [run0, run3]
   assert losses[0] != pytest.approx(losses[1], rel=1e-6, abs=0)
   assert _tree(runs[0].student_vars) == _tree(runs[1].student_vars)
 

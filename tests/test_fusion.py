@@ -131,16 +131,9 @@ def test_msff_fuses_with_normalized_weights():
   out, state = msff.apply(variables, feats, capture_intermediates=True)
   w = np.maximum(a, 0) / (np.maximum(a, 0).sum(-1, keepdims=True) + 1e-4)
   for i in range(3):
-    hw = feats[i].shape[1:3]
     g_ref = np.zeros(feats[i].shape)
     for j in range(3):
-      name = f'map_{j + 1}_to_{i + 1}'
-      if i == j:
-        t = np.asarray(feats[j])
-      else:
-        sub = {c: v[name] for c, v in variables.items() if name in v}
-        t = np.asarray(fusion.Mapping(j, i, channels).apply(sub, feats[j], hw))
-      g_ref += w[i, j] * t
+      g_ref += w[i, j] * _mapped(variables, feats, channels, j, i)
     g_ref = np.maximum(g_ref, 0)
     if i == 2:
       np.testing.assert_allclose(np.asarray(out)[..., -channels[2] :], g_ref, rtol=1e-4, atol=1e-5)
