@@ -113,11 +113,12 @@ def test_gate_init_reaches_training(synthetic_root, tmp_path):
   # model.msff.gate_init is read by the gated form only (the base is 'normalized'), so
   # it is changed from a gated base; it sets where the gates start, nothing else.
   gated = [('model.msff.form', 'gated')]
-  (_, loss0, run0), (_, loss3, run3) = (
-    _trained(synthetic_root, str(tmp_path / str(g)), 'model.msff.gate_init', g, gated)
-    for g in (0.0, 0.3)
+  _, losses, runs = zip(
+    *(
+      _trained(synthetic_root, str(tmp_path / str(g)), 'model.msff.gate_init', g, gated)
+      for g in (0.0, 0.3)
+    )
   )
-  losses, runs = [loss0, loss3], [run0, run3]
   assert losses[0] != pytest.approx(losses[1], rel=1e-6, abs=0)
   assert _tree(runs[0].student_vars) == _tree(runs[1].student_vars)
 
