@@ -110,10 +110,16 @@ def run_all(
     _write(workdir, results)  # a partial table after each category
   _write(workdir, results)
   if failures:
+    others = (
+      f' The results of the others are in {os.path.join(workdir, "results.md")}.'
+      if len(failures) < len(categories)
+      else ''
+    )
     raise CategoriesFailed(
       f'{len(failures)} of {len(categories)} categories failed: '
-      + '; '.join(f'{c}: {m}' for c, m in failures.items())
-      + f'. The results of the others are in {os.path.join(workdir, "results.md")}.',
+      + '; '.join(f'{c}: {m.rstrip(".")}' for c, m in failures.items())
+      + '.'
+      + others,
       failures,
       results,
     )

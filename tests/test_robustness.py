@@ -112,6 +112,18 @@ def test_run_all_goes_on_after_a_failed_category_and_lists_it(tmp_path, monkeypa
   assert (tmp_path / 'results.md').read_text().count('| good |') == 1
 
 
+def test_run_all_with_every_category_failed_points_to_no_other_results(tmp_path, monkeypatch):
+  def fake(config, workdir, evaluate_after=None):
+    raise DataError(f'{config.data.root!r} is not a folder.')
+
+  monkeypatch.setattr(train, 'train_and_evaluate', fake)
+  with pytest.raises(run_all.CategoriesFailed) as caught:
+    run_all.run_all(config_lib.base_config(), str(tmp_path), ['only'])
+  message = str(caught.value)
+  assert message.startswith('1 of 1 categories failed: only:'), message
+  assert '..' not in message and 'the others' not in message, message
+
+
 @pytest.mark.parametrize(
   'override, expected',
   [
