@@ -137,7 +137,8 @@ def _jsonable(value: Any) -> Any:
 
 
 # The teacher is identified by its weights' fingerprint, not by where its file lies.
-NOT_IDENTITY = ('model.teacher_weights',)
+# How the memory's shrinkage is differentiated changes no parameter and no output.
+NOT_IDENTITY = ('model.teacher_weights', 'model.memory.shrink_grad')
 
 
 def identity(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -17,6 +17,7 @@ FUSIONS = ('msff', 'mff')
 MSFF_FORMS = ('normalized', 'gated')
 ATTENTION_PLACES = ('fusion', 'decoder')
 MEMORY_MODES = ('replace', 'residual', 'off')
+SHRINK_GRADS = ('masked', 'exact')
 LOSSES = ('global', 'pixel')
 MAP_MODES = ('add', 'mul')
 DATASETS = ('mvtec', 'visa', 'synthetic')
@@ -55,6 +56,12 @@ def base_config() -> ml_collections.ConfigDict:
   # None means 1 / slots.
   c.model.memory.shrink = ml_collections.FieldReference(None, field_type=float)
   c.model.memory.entropy_weight = 2e-4
+  # How training differentiates the hard shrinkage (memory.hard_shrink): 'exact', the
+  # formula's derivative, with which the demo's figures were made, or 'masked', its mask
+  # held constant (configs/mvtec.py): the exact derivative spikes at the threshold, and
+  # what training makes of the memory then depends on float32 rounding (README, "The
+  # memory bank's shrinkage gradient"). Either loads the other's checkpoints.
+  c.model.memory.shrink_grad = 'exact'
   # None: 3 Bottlenecks for 50/101-layer teachers, 2 BasicBlocks for 18/34 (design.md).
   c.model.oce_blocks = ml_collections.FieldReference(None, field_type=int)
   # Initialization of the decoder's 2x2 transposed convs and of coordinate attention's
@@ -164,6 +171,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
   problems += _one_of('model.msff.form', m.msff.form, MSFF_FORMS)
   problems += _one_of('model.memory.mode', m.memory.mode, MEMORY_MODES)
+  problems += _one_of('model.memory.shrink_grad', m.memory.shrink_grad, SHRINK_GRADS)
   problems += _one_of('model.init', m.init, INITS)
   if m.memory.slots < 1:
     problems.append(f'model.memory.slots must be >= 1, got {m.memory.slots}')

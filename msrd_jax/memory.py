@@ -15,7 +15,31 @@ import numpy as np
 SHRINK_EPS = 1e-12
 
 
-def read_weights(z: jax.Array, memory: jax.Array, temperature: float, shrink: float) -> jax.Array:
+def hard_shrink(w: jax.Array, shrink: float, grad: str = 'exact') -> jax.Array:
+  """MemAE's continuous hard shrinkage, relu(w - lambda) * w / (|w - lambda| + eps):
+  weights below lambda become exactly zero, the others (nearly) keep their value.
+
+  grad 'exact' differentiates the formula as it stands (as MemAE's code does). Its
+  derivative has the term w * eps / (w - lambda + eps)^2 above lambda, negligible unless
+  w is within about 1e-6 of lambda, where it spikes (about 5800 one float32 step above
+  lambda = 0.02) by an amount that the rounding of w decides. With softmax(cos / tau)
+  at tau = 1 the weights lie near lambda = 1/N, so such spikes come every few steps;
+  trained so, the memory's reads collapsed onto a few slots on the CPU and not on a GPU
+  (README, "The memory bank's shrinkage gradient"). grad 'masked' computes the same
+  values and holds the mask relu(w - lambda) / (|w - lambda| + eps) constant in the
+  gradient: d/dw = the mask, 1 above lambda, 0 below it.
+  """
+  if grad == 'exact':
+    return nn.relu(w - shrink) * w / (jnp.abs(w - shrink) + SHRINK_EPS)
+  if grad != 'masked':
+    raise ValueError(f"shrink grad must be 'masked' or 'exact', got {grad!r}")
+  mask = jax.lax.stop_gradient(nn.relu(w - shrink) / (jnp.abs(w - shrink) + SHRINK_EPS))
+  return w * mask
+
+
+def read_weights(
+  z: jax.Array, memory: jax.Array, temperature: float, shrink: float, shrink_grad: str = 'exact'
+) -> jax.Array:
   """Addressing weights of each query over the memory slots.
 
   Args:
@@ -23,6 +47,7 @@ def read_weights(z: jax.Array, memory: jax.Array, temperature: float, shrink: fl
     memory: (N, D) slots.
     temperature: tau in softmax(cos(z, m) / tau).
     shrink: lambda of the hard shrinkage; 0 disables it.
+    shrink_grad: how the shrinkage is differentiated, see `hard_shrink`.
 
   Returns:
     (P, N) non-negative weights summing to 1 over N.
@@ -31,8 +56,7 @@ def read_weights(z: jax.Array, memory: jax.Array, temperature: float, shrink: fl
   mn = memory / jnp.maximum(jnp.linalg.norm(memory, axis=-1, keepdims=True), 1e-8)
   w = jax.nn.softmax(zn @ mn.T / temperature, axis=-1)
   if shrink > 0:
-    # MemAE's continuous hard shrinkage: weights below lambda become exactly zero.
-    shrunk = nn.relu(w - shrink) * w / (jnp.abs(w - shrink) + SHRINK_EPS)
+    shrunk = hard_shrink(w, shrink, shrink_grad)
     total = jnp.sum(shrunk, axis=-1, keepdims=True)
     # A row with no weight above lambda (an exactly uniform softmax, e.g. for an all-zero
     # query) would read nothing; it keeps its soft weights instead.
@@ -57,6 +81,7 @@ def read(
   shrink: float | None,
   mode: str,
   gate: jax.Array | None = None,
+  shrink_grad: str = 'exact',
 ) -> tuple[jax.Array, jax.Array]:
   """What the memory makes of the embedding z (..., D): (z', weights (..., N)).
 
@@ -67,7 +92,7 @@ def read(
   """
   n, d = memory.shape
   shrink = 1.0 / n if shrink is None else shrink
-  w = read_weights(z.reshape(-1, d).astype(jnp.float32), memory, temperature, shrink)
+  w = read_weights(z.reshape(-1, d).astype(jnp.float32), memory, temperature, shrink, shrink_grad)
   zhat = (w @ memory).reshape(z.shape).astype(z.dtype)
   out = zhat if mode == 'replace' else z + gate.astype(z.dtype) * zhat
   return out, w.reshape(*z.shape[:-1], n)
@@ -84,6 +109,7 @@ class MemoryBank(nn.Module):
   temperature: float = 1.0
   shrink: float | None = None  # None means 1 / slots
   mode: str = 'replace'
+  shrink_grad: str = 'exact'  # see hard_shrink
 
   @nn.compact
   def __call__(self, z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -97,7 +123,7 @@ class MemoryBank(nn.Module):
       'memory', lambda k, s: jax.random.uniform(k, s, jnp.float32, -bound, bound), (self.slots, d)
     )
     gate = self.param('gate', nn.initializers.zeros, ()) if self.mode == 'residual' else None
-    out, w = read(z, memory, self.temperature, self.shrink, self.mode, gate)
+    out, w = read(z, memory, self.temperature, self.shrink, self.mode, gate, self.shrink_grad)
     return out, entropy(w.reshape(-1, self.slots)), w
 
 

@@ -45,6 +45,7 @@ class Student(nn.Module):
   memory_slots: int = 50
   memory_temperature: float = 1.0
   memory_shrink: float | None = None
+  memory_shrink_grad: str = 'exact'
   oce_blocks: int | None = None
   layers: Layers = Layers()
 
@@ -75,6 +76,7 @@ class Student(nn.Module):
       self.memory_temperature,
       self.memory_shrink,
       self.memory_mode,
+      self.memory_shrink_grad,
       name='memory',
     )(query)
     decoded = Decoder(
@@ -100,6 +102,7 @@ def student_from_config(
     memory_slots=m.memory.slots,
     memory_temperature=m.memory.temperature,
     memory_shrink=m.memory.shrink,
+    memory_shrink_grad=m.memory.shrink_grad,
     oce_blocks=m.get('oce_blocks'),
     layers=Layers(jnp.dtype(config.train.dtype), bn_axis_name, m.get('init', 'kaiming')),
   )

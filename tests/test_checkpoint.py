@@ -44,12 +44,18 @@ def saved_run(run_with_teacher_file):
 def test_every_identity_field_is_compared_and_named(saved_run):
   config, workdir, fingerprint = saved_run
   leaves = _identity_leaves(config)
-  # Every model field is identity (they shape the parameters), but not the teacher's path.
+  # Every model field is identity (they shape the parameters), but not the teacher's
+  # path and not how training differentiates the memory's shrinkage.
+  not_identity = {'model.teacher_weights', 'model.memory.shrink_grad'}
   model_fields = {f'model.{k}' for k in flatten_dict(config.model.to_dict(), sep='.')}
-  assert model_fields - {'model.teacher_weights'} <= set(leaves)
-  assert 'model.teacher_weights' not in leaves
+  assert model_fields - not_identity <= set(leaves)
+  assert not not_identity & set(leaves)
   with checkpoint.Workdir(workdir, create=False) as wd:
     wd.check_compatible(config, fingerprint)  # the run's own config fits
+    for grad in ('masked', 'exact'):  # the forward is the same: either loads the run
+      other = copy.deepcopy(config)
+      other.model.memory.shrink_grad = grad
+      wd.check_compatible(other, fingerprint)
     for field in leaves:
       other = copy.deepcopy(config)
       old = checkpoint._get(other, field)

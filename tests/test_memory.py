@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ROOT
 from model_helpers import (
   flat,
 )
@@ -69,6 +75,60 @@ def test_read_weights_keep_summing_to_one_when_nothing_survives_shrinkage():
   w = np.asarray(memory.read_weights(jnp.zeros((2, 16)), jnp.asarray(m), 0.05, 1 / 50))
   np.testing.assert_allclose(w.sum(axis=-1), 1.0, atol=1e-6)
   np.testing.assert_allclose(w, 1 / 50, atol=1e-7)
+
+
+def _shrink_grad(w, lam, grad):
+  """d/dw of sum(hard_shrink(w)) at each w, in float32."""
+  f = lambda x: jnp.sum(memory.hard_shrink(x, lam, grad))
+  return np.asarray(jax.grad(f)(jnp.asarray(w, jnp.float32)))
+
+
+def test_hard_shrink_values_are_memae_formula_for_both_gradients():
+  rng = np.random.default_rng(4)
+  w = rng.uniform(0, 0.05, size=1000).astype(np.float32)
+  lam = 1 / 50
+  d = w.astype(np.float64) - lam
+  want = np.maximum(d, 0) * w / (np.abs(d) + memory.SHRINK_EPS)  # MemAE, in float64
+  for grad in ('exact', 'masked'):
+    got = np.asarray(memory.hard_shrink(jnp.asarray(w), lam, grad))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+    assert (got[w < lam] == 0).all()
+  with pytest.raises(ValueError, match='masked'):
+    memory.hard_shrink(jnp.asarray(w), lam, 'approximate')
+
+
+def test_exact_shrink_gradient_is_the_formulas_derivative_and_spikes_at_the_threshold():
+  lam = np.float32(1 / 50)
+  eps = memory.SHRINK_EPS
+  # Away from the threshold: the analytic derivative d/(d+eps) + w eps/(d+eps)^2 above
+  # lambda, 0 below, for 'exact'; the mask (1 above, 0 below) for 'masked'.
+  w = np.array([0.001, 0.015, 0.025, 0.04, 0.3], np.float32)
+  d = w.astype(np.float64) - lam
+  analytic = np.where(d > 0, d / (d + eps) + w * eps / (d + eps) ** 2, 0.0)
+  np.testing.assert_allclose(_shrink_grad(w, lam, 'exact'), analytic, rtol=1e-5)
+  np.testing.assert_allclose(_shrink_grad(w, lam, 'masked'), (d > 0).astype(np.float32), rtol=1e-6)
+  # One float32 step above lambda, w eps / (d + eps)^2 is thousands: the exact gradient
+  # is a spike that rounding decides; the masked one is the mask, d/(d+eps), about 1.
+  w_next = np.nextafter(lam, np.float32(1))
+  d1 = np.float64(w_next) - np.float64(lam)
+  spike = _shrink_grad(np.array([w_next]), lam, 'exact')[0]
+  np.testing.assert_allclose(spike, d1 / (d1 + eps) + w_next * eps / (d1 + eps) ** 2, rtol=1e-3)
+  assert spike > 1000
+  masked = _shrink_grad(np.array([w_next]), lam, 'masked')
+  np.testing.assert_allclose(masked, d1 / (d1 + eps), rtol=1e-6)
+
+
+def test_shrink_grad_reaches_the_student_and_is_validated():
+  from msrd_jax.model import student_from_config
+
+  c = config_lib.base_config()
+  c.model.backbone = 'resnet18'
+  for grad in ('masked', 'exact'):
+    c.model.memory.shrink_grad = grad
+    assert student_from_config(c).memory_shrink_grad == grad
+  c.model.memory.shrink_grad = 'approximate'
+  with pytest.raises(config_lib.ConfigError, match='model.memory.shrink_grad'):
+    config_lib.validate(c)
 
 
 def test_validate_bounds_the_shrink_threshold():
@@ -165,3 +225,35 @@ def test_usage_counts_collapsed_and_spread_reads():
   assert memory.usage(half, query[0, 0, :1], -query[0, 0, :1])['effective_slots'] == (
     pytest.approx(2.0)
   )
+
+
+@pytest.mark.slow
+def test_shrink_grad_spikes_script_runs_as_its_docstring_says(synthetic_root, tmp_path):
+  # scripts/shrink_grad_spikes.py, as the README runs it, shrunk to a few steps: it
+  # compares the two gradients at every step and writes nothing.
+  before = set(os.listdir(tmp_path))
+  done = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, 'scripts', 'shrink_grad_spikes.py'),
+      '--config=' + os.path.join(ROOT, 'configs', 'mvtec.py'),
+      f'--config.data.root={synthetic_root}',
+      '--config.data.category=brick',
+      '--config.model.backbone=resnet18',
+      '--config.data.image_size=96',
+      '--config.train.batch_size=8',
+      '--config.data.num_threads=2',
+      '--steps=3',
+    ],
+    cwd=tmp_path,
+    env=dict(os.environ, PYTHONPATH=ROOT),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert 'brick, seed 0, training with the exact gradient' in done.stdout
+  assert re.search(r'step\s+0: +\d\.\d\de[+-]\d\d / +\d\.\d\de[+-]\d\d', done.stdout), done.stdout
+  summary = re.search(r'3 steps: median (\S+), above 1 %: (\d+)', done.stdout)
+  assert summary and float(summary.group(1)) >= 0, done.stdout
+  assert set(os.listdir(tmp_path)) == before
