@@ -93,6 +93,21 @@ def state_template(
   return jax.eval_shape(lambda: create_state(model, tx, teacher_vars, config))
 
 
+def make_loss_fn(model: MSRD, config: ml_collections.ConfigDict) -> Callable:
+  """The training loss (params, batch_stats, teacher_vars, images) ->
+  (loss, (distillation loss, memory read entropy, new batch_stats))."""
+  kind = config.train.loss
+  entropy_weight = config.model.memory.entropy_weight if config.model.memory.mode != 'off' else 0.0
+
+  def loss_fn(params, batch_stats, teacher_vars, images):
+    e, d, aux, new_stats = model.apply_train(teacher_vars, params, batch_stats, images)
+    distill = losses.distillation_loss(e, d, kind)
+    loss = distill + entropy_weight * aux['entropy']
+    return loss, (distill, aux['entropy'], new_stats)
+
+  return loss_fn
+
+
 def make_train_step(
   model: MSRD,
   tx: optax.GradientTransformation,
@@ -105,14 +120,7 @@ def make_train_step(
   BatchNorm statistics are synchronized, so N devices with a global batch B compute what
   one device computes with B. images: (b, S, S, 3) float32 in [0, 1].
   """
-  kind = config.train.loss
-  entropy_weight = config.model.memory.entropy_weight if config.model.memory.mode != 'off' else 0.0
-
-  def loss_fn(params, batch_stats, teacher_vars, images):
-    e, d, aux, new_stats = model.apply_train(teacher_vars, params, batch_stats, images)
-    distill = losses.distillation_loss(e, d, kind)
-    loss = distill + entropy_weight * aux['entropy']
-    return loss, (distill, aux['entropy'], new_stats)
+  loss_fn = make_loss_fn(model, config)
 
   def step(state: TrainState, teacher_vars: dict, images: jax.Array):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
