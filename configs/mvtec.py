@@ -26,7 +26,10 @@ and the gated form did not (README, "With RD4AD's training");
 config before 2026-12-04 need to load). The method without MSFF is
 --config.model.fusion=mff "--config.model.coord_attention=('decoder',)", and
 `python -m msrd_jax.ablate --variants msrd,msrd_gated,msrd_mff` measures all three with
-your teacher.
+your teacher. The memory's hard shrinkage is trained with its mask held constant in the
+gradient (model.memory.shrink_grad = 'masked'; README, "The memory bank's shrinkage
+gradient"); 'exact' is what runs trained with this config before 2026-12-05 used, and
+either loads the other's runs.
 """
 
 from msrd_jax.config import base_config
@@ -45,5 +48,10 @@ def get_config(arg: str | None = None):
   # Not design.md's: chosen from the ablation under this config (README, "With RD4AD's
   # training"); the variant msrd_gated of `msrd_jax.ablate`.
   c.model.msff.form = 'gated'
+  # The memory's hard shrinkage with its mask held constant in the gradient: the
+  # formula's exact derivative spikes at the threshold, and with it the trained memory
+  # depended on the platform's float32 rounding (README, "The memory bank's shrinkage
+  # gradient").
+  c.model.memory.shrink_grad = 'masked'
   # Everything else is base_config's defaults, which are the paper's settings.
   return c
