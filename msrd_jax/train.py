@@ -218,6 +218,27 @@ class _Log:
     self.writer.write(step, record)
 
 
+def make_loader(config: ml_collections.ConfigDict, num_local_devices: int) -> data_lib.TrainLoader:
+  """This process's share of the config's training images, in training's order, after
+  checking that every file reads (before hours of training)."""
+  reader, root = config_lib.resolve_data(config)
+  samples = data_lib.list_samples(reader, root, config.data.category, 'train')
+  data_lib.check_files(samples, config.data.num_threads)
+  samples = calibrate.training_samples(config, samples)  # less a calibration holdout
+  return data_lib.TrainLoader(
+    samples,
+    config.data.image_size,
+    config.train.batch_size,
+    seed=config.seed,
+    num_local_devices=num_local_devices,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    num_threads=config.data.num_threads,
+    prefetch=config.data.prefetch,
+    cache_bytes=config.data.cache_bytes,
+  )
+
+
 def train(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -238,22 +259,7 @@ def train(
   is_main = distributed.is_main_process()
   devices = jax.local_devices()
 
-  reader, root = config_lib.resolve_data(config)
-  samples = data_lib.list_samples(reader, root, config.data.category, 'train')
-  data_lib.check_files(samples, config.data.num_threads)  # before hours of training
-  samples = calibrate.training_samples(config, samples)  # less a calibration holdout
-  loader = data_lib.TrainLoader(
-    samples,
-    config.data.image_size,
-    config.train.batch_size,
-    seed=config.seed,
-    num_local_devices=len(devices),
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    num_threads=config.data.num_threads,
-    prefetch=config.data.prefetch,
-    cache_bytes=config.data.cache_bytes,
-  )
+  loader = make_loader(config, len(devices))
   num_steps = total_steps(config, loader.num_samples)
 
   if teacher_vars is None:

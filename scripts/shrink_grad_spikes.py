@@ -25,9 +25,8 @@ import optax
 from absl import app, flags
 from ml_collections import config_flags
 
-from msrd_jax import calibrate, teacher, train
 from msrd_jax import config as config_lib
-from msrd_jax import data as data_lib
+from msrd_jax import memory, teacher, train
 from msrd_jax.model import MSRD
 
 config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
@@ -41,6 +40,24 @@ def _relative(a, b) -> float:
   return float(optax.tree.norm(jax.tree.map(jnp.subtract, a, b)) / optax.tree.norm(b))
 
 
+def _loss_only(loss_fn):
+  return lambda *args: loss_fn(*args)[0]
+
+
+def _near_threshold(model, c, state, teacher_vars, images) -> str:
+  """How close the softmax read weights (before the shrinkage) lie to its threshold."""
+  _, _, aux, _ = model.apply_train(teacher_vars, state.params, state.batch_stats, images)
+  slots = state.params['memory']['memory']
+  query = aux['query'].reshape(-1, slots.shape[-1]).astype(jnp.float32)
+  w = np.asarray(memory.read_weights(query, slots, c.model.memory.temperature, 0.0))
+  lam = c.model.memory.shrink or 1.0 / slots.shape[0]
+  rel = np.abs(w - lam) / lam
+  return (
+    f'the read weights w lie at a median |w - lambda| / lambda of {np.median(rel):.3f}; '
+    f'{(rel < 0.03).mean():.0%} within 3 % of lambda = {lam:.4g}'
+  )
+
+
 def main(argv) -> None:
   del argv
   c = FLAGS.config.copy_and_resolve_references()
@@ -49,10 +66,7 @@ def main(argv) -> None:
   if c.model.memory.mode == 'off':
     raise SystemExit('model.memory.mode is off: there is no shrinkage to differentiate')
 
-  reader, root = config_lib.resolve_data(c)
-  samples = data_lib.list_samples(reader, root, c.data.category, 'train')
-  samples = calibrate.training_samples(c, samples)
-  loader = data_lib.TrainLoader(samples, c.data.image_size, c.train.batch_size, seed=c.seed)
+  loader = train.make_loader(c, num_local_devices=1)
   teacher_vars = teacher.from_config(c)
   models = {}
   for grad in ('exact', 'masked'):
@@ -62,9 +76,7 @@ def main(argv) -> None:
   tx = train.make_optimizer(c)
   state = train.create_state(models[FLAGS.train_with], tx, teacher_vars, c)
   step = jax.jit(train.make_train_step(models[FLAGS.train_with], tx, c, axis_name=None))
-  grads = {
-    g: jax.jit(jax.grad(lambda *a, m=m: train.make_loss_fn(m, c)(*a)[0])) for g, m in models.items()
-  }
+  grads = {g: jax.jit(jax.grad(_loss_only(train.make_loss_fn(m, c)))) for g, m in models.items()}
 
   print(
     f'{c.data.category}, seed {c.seed}, training with the {FLAGS.train_with} gradient; '
@@ -75,6 +87,9 @@ def main(argv) -> None:
   for i in range(FLAGS.steps):
     images = np.asarray(next(batches)['image'])
     images = jnp.asarray(images.reshape((-1,) + images.shape[-3:]))
+    if i == 0:
+      near = _near_threshold(models[FLAGS.train_with], c, state, teacher_vars, images)
+      print(f'  at step 0, {near}')
     g = {k: fn(state.params, state.batch_stats, teacher_vars, images) for k, fn in grads.items()}
     total = _relative(g['exact'], g['masked'])
     slots = _relative(g['exact']['memory'], g['masked']['memory'])
