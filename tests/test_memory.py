@@ -15,6 +15,8 @@ import pytest
 from conftest import ROOT
 from model_helpers import (
   flat,
+  small_config,
+  student_shapes,
 )
 
 from msrd_jax import config as config_lib
@@ -118,14 +120,24 @@ def test_exact_shrink_gradient_is_the_formulas_derivative_and_spikes_at_the_thre
   np.testing.assert_allclose(masked, d1 / (d1 + eps), rtol=1e-6)
 
 
-def test_shrink_grad_reaches_the_student_and_is_validated():
+def test_shrink_grad_reaches_the_student_and_is_validated(monkeypatch):
   from msrd_jax.model import student_from_config
 
-  c = config_lib.base_config()
-  c.model.backbone = 'resnet18'
+  seen = []
+  read = memory.read
+
+  def recording_read(*args, **kwargs):
+    seen.append(args[6] if len(args) > 6 else kwargs.get('shrink_grad', 'exact'))
+    return read(*args, **kwargs)
+
+  monkeypatch.setattr(memory, 'read', recording_read)
+  c = small_config()
   for grad in ('masked', 'exact'):
     c.model.memory.shrink_grad = grad
     assert student_from_config(c).memory_shrink_grad == grad
+    seen.clear()
+    student_shapes(c, 64)  # traces the memory bank, as training's init does
+    assert seen and set(seen) == {grad}
   c.model.memory.shrink_grad = 'approximate'
   with pytest.raises(config_lib.ConfigError, match='model.memory.shrink_grad'):
     config_lib.validate(c)
