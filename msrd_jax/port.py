@@ -63,6 +63,10 @@ class Entry:
     array = np.asarray(array, np.float32)
     return np.transpose(array, (2, 3, 1, 0)) if self.is_conv else array
 
+  def invert(self, array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array, np.float32)
+    return np.transpose(array, (3, 2, 0, 1)) if self.is_conv else array
+
 
 def _torch_name(module_path: Sequence[str]) -> str:
   # 'layer1_0/downsample_1' -> 'layer1.0.downsample.1'
@@ -131,6 +135,17 @@ def convert_state_dict(arch: teacher_lib.Arch, state_dict: Mapping[str, np.ndarr
   entries = plan_port(arch, {k: np.shape(v) for k, v in state_dict.items()})
   flat = {(e.collection, *e.path): e.convert(state_dict[e.torch_key]) for e in entries}
   return flax.traverse_util.unflatten_dict(flat)
+
+
+def to_state_dict(arch: teacher_lib.Arch, variables: Mapping) -> dict[str, np.ndarray]:
+  """Teacher variables -> the torch state_dict (numpy, torch layout) that ports back to them.
+
+  The inverse of `convert_state_dict`, for giving a PyTorch model the very teacher a
+  run used (a random one included): load it with `load_state_dict(..., strict=False)`;
+  layer4 and fc are not part of the teacher.
+  """
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
+  return {key: e.invert(flat[(e.collection, *e.path)]) for key, e in expected_entries(arch).items()}
 
 
 def _unwrap(obj, path: str) -> dict[str, np.ndarray]:
