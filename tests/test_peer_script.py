@@ -1,0 +1,107 @@
+"""scripts/anomalib_rd_peer.py's steps that run in the project's virtualenv, through its
+command line: what `export` writes is what the project's loaders give a run, and `score`
+scores maps with the project's metrics. (Its `train` step needs anomalib, which the
+project never installs.)"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import data_fixtures
+import jax
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from msrd_jax import data as data_lib
+from msrd_jax import metrics, port, teacher
+
+SCRIPT = os.path.join(ROOT, 'scripts', 'anomalib_rd_peer.py')
+
+
+def _script(*args: str) -> subprocess.CompletedProcess:
+  done = subprocess.run(
+    [sys.executable, SCRIPT, *args],
+    env=dict(os.environ, PYTHONPATH=ROOT),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  return done
+
+
+def _noisy_tree(root) -> str:
+  """An MVTec-layout category whose images are noise, so that resizing shows."""
+  base = data_fixtures.make_mvtec_tree(root, 'widget', n_train=5, size=(41, 29))
+  rng = np.random.default_rng(0)
+  for path in glob.glob(os.path.join(base, '*', '*', '*.png')):
+    if 'ground_truth' not in path:
+      data_fixtures.write_image(path, rng.integers(0, 256, (29, 41, 3), np.uint8))
+  return base
+
+
+def test_export_writes_what_the_loaders_give_and_the_runs_teacher(tmp_path):
+  _noisy_tree(tmp_path / 'data')
+  out = tmp_path / 'peer'
+  _script(
+    'export',
+    f'--root={tmp_path / "data"}',
+    f'--out={out}',
+    '--size=24',
+    '--teacher-seed=3',
+  )
+  exported = np.load(out / 'widget.npz')
+  test = data_lib.list_samples('mvtec', str(tmp_path / 'data'), 'widget', 'test')
+  loader = data_lib.EvalLoader(test, 24, len(test), num_threads=1, mask_resize='bilinear')
+  batch = next(iter(loader))
+  np.testing.assert_array_equal(exported['test'], batch['image'])
+  np.testing.assert_array_equal(exported['masks'], batch['mask'].astype(bool))
+  assert exported['masks'].any()
+  np.testing.assert_array_equal(exported['labels'], [s.label for s in test])
+  train = data_lib.list_samples('mvtec', str(tmp_path / 'data'), 'widget', 'train')
+  loader = data_lib.EvalLoader(train, 24, len(train), num_threads=1)
+  np.testing.assert_array_equal(exported['train'], next(iter(loader))['image'])
+  # The teacher in torch layout ports back to the runs' random teacher of that seed.
+  state = dict(np.load(out / 'teacher.npz'))
+  assert state['conv1.weight'].shape == (64, 3, 7, 7)
+  back = port.convert_state_dict('resnet18', state)
+  expected = teacher.init_teacher('resnet18', seed=3, warn=False)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, back, expected)
+  assert json.loads((out / 'export.json').read_text())['categories'] == ['widget']
+
+
+def test_score_uses_the_project_metrics_and_compares(tmp_path):
+  _noisy_tree(tmp_path / 'data')
+  out = tmp_path / 'peer'
+  _script('export', f'--root={tmp_path / "data"}', f'--out={out}', '--size=24')
+  truth = np.load(out / 'widget.npz')
+  masks = truth['masks'].astype(np.float32)
+  rng = np.random.default_rng(1)
+  noisy = rng.random(masks.shape, dtype=np.float32)
+  # What `train` writes: a perfect seed, a seed of noise.
+  for seed, maps in ((0, masks + 0.01 * noisy), (1, noisy)):
+    os.makedirs(out / 'anomalib_rd' / f'seed{seed}')
+    np.savez(
+      out / 'anomalib_rd' / f'seed{seed}' / 'widget.npz', amaps=maps, scores=maps.max((1, 2))
+    )
+  ours = tmp_path / 'ours' / 'seed0'
+  os.makedirs(ours)
+  (ours / 'results.json').write_text(
+    json.dumps(
+      {'widget': {'image_auroc': 0.5, 'pixel_auroc': 0.25, 'au_pro': 0.75, 'au_pro_rd4ad': 1}}
+    )
+  )
+  done = _script('score', str(out), f'--compare={tmp_path / "ours"}')
+  perfect = json.loads((out / 'anomalib_rd' / 'seed0' / 'results.json').read_text())['widget']
+  assert perfect['image_auroc'] == perfect['pixel_auroc'] == 1.0
+  assert perfect['au_pro'] == pytest.approx(1.0)
+  chance = json.loads((out / 'anomalib_rd' / 'seed1' / 'results.json').read_text())['widget']
+  assert chance['pixel_auroc'] == metrics.pixel_auroc(noisy, masks)
+  mean = 100 * (1 + chance['image_auroc']) / 2
+  assert f'anomalib RD: seeds [0, 1]: {mean:.1f} +- ' in done.stdout, done.stdout
+  assert 'seeds [0]: 50.0 / 25.0 / 75.0 / 100.0' in done.stdout, done.stdout
