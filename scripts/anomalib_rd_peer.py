@@ -17,18 +17,21 @@ Three steps in two virtualenvs; the middle one never imports msrd_jax (or JAX):
 export: every category of --root (or --categories) in the MVTec layout; the training
 images and the test images resized as the project's loaders resize them (RGB in [0, 1]),
 the test masks resized with --mask-resize (RD4AD's 'bilinear' by default, as
-`configs/mvtec.py`), the labels; and the teacher in torch layout (`port.to_state_dict`).
+`configs/mvtec.py`), the labels; the teacher in torch layout (`port.to_state_dict`), and
+its features of two noise images, which `train` checks anomalib's encoder against.
 The export keeps every training image: use it with runs whose calibration does not hold
 any out (`calibration.source=train`, the default).
 
 train: anomalib's `ReverseDistillation` (`pre_trained=False`, its pre-processor at
 the exported size, its anomaly maps in 'add' mode) with the exported teacher loaded into
-its encoder, trained as its `training_step` does (the model's loss on a batch of
-pre-processed images) with the optimizer of its `configure_optimizers` (Adam, lr
-0.005, betas 0.5 / 0.99, on bottleneck and decoder): --epochs passes over the shuffled
-training images in batches of --batch, the last one smaller. Seed k seeds torch. Then
-the test set's anomaly maps and scores (the maps' maximum, anomalib's `pred_score`) go
-to OUT/anomalib_rd/seed<k>/<category>.npz; finished ones are skipped, so an interrupted
+its encoder (checked first: its features of the exported check images must be the
+project's teacher's to 1e-4 of the largest; the difference is printed). Trained as its
+`training_step` does (the model's loss on a batch of pre-processed images) with the
+optimizer of its `configure_optimizers` (Adam, lr 0.005, betas 0.5 / 0.99, on
+bottleneck and decoder): --epochs passes over the shuffled training images in batches
+of --batch, the last one smaller. Seed k seeds torch. Then the test set's anomaly maps
+and scores (the maps' maximum, anomalib's `pred_score`) go to
+OUT/anomalib_rd/seed<k>/<category>.npz; finished ones are skipped, so an interrupted
 run resumes.
 
 score: image AUROC, pixel AUROC and both AU-PROs with `msrd_jax.metrics`, written as
@@ -69,6 +72,13 @@ def export(args) -> None:
     variables = teacher_lib.init_teacher(args.arch, seed=args.teacher_seed, warn=False)
   np.savez(os.path.join(args.out, 'teacher.npz'), **port.to_state_dict(args.arch, variables))
   size = args.size
+  check = np.random.default_rng(0).random((2, size, size, 3), dtype=np.float32)
+  features = teacher_lib.ResNet(args.arch).apply(variables, check)
+  np.savez(
+    os.path.join(args.out, 'teacher_check.npz'),
+    images=check,
+    **{f'features{i}': np.asarray(f) for i, f in enumerate(features)},
+  )
 
   def load(samples):
     return np.stack([images.resize_image(images.load_image(s.image_path), size) for s in samples])
@@ -104,9 +114,54 @@ def _to_torch(pre, images: np.ndarray):
   return pre.transform(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))))
 
 
+def _module(exported: dict, teacher: dict):
+  """(anomalib's ReverseDistillation at the exported size with the exported teacher in
+  its encoder, its pre-processor)."""
+  from anomalib.models import ReverseDistillation  # pylint: disable=g-import-not-at-top
+
+  size = exported['size']
+  pre = ReverseDistillation.configure_pre_processor(image_size=(size, size))
+  module = ReverseDistillation(
+    backbone=exported['arch'],
+    pre_trained=False,
+    pre_processor=pre,
+    evaluator=False,
+    visualizer=False,
+  )
+  missing, unexpected = module.model.encoder.feature_extractor.load_state_dict(
+    teacher, strict=False
+  )
+  not_teacher = ('layer4.', 'fc.')
+  if unexpected or any(
+    not k.startswith(not_teacher) and not k.endswith('num_batches_tracked') for k in missing
+  ):
+    sys.exit(f"the exported teacher does not fit anomalib's encoder: {missing=} {unexpected=}")
+  return module, pre
+
+
+def _check_teacher(exported: dict, teacher: dict, check: dict) -> None:
+  """Exits unless anomalib's encoder gives the project's teacher features (to 1e-4 of
+  the largest) on the exported check images; prints how close they are."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  module, pre = _module(exported, teacher)
+  module.model.eval()
+  with torch.no_grad():
+    features = list(module.model.encoder(_to_torch(pre, check['images'])).values())
+  worst = 0.0
+  for level, ours in enumerate(features):
+    expected = check[f'features{level}']
+    ours = ours.numpy().transpose(0, 2, 3, 1)
+    if ours.shape != expected.shape:
+      sys.exit(f'teacher level {level}: anomalib {ours.shape}, the project {expected.shape}')
+    worst = max(worst, float(np.abs(ours - expected).max() / np.abs(expected).max()))
+  print(f"anomalib's encoder against the project's teacher: {worst:.1e} of the largest feature")
+  if worst > 1e-4:
+    sys.exit("the teacher in anomalib differs from the project's; is teacher.npz from this export?")
+
+
 def train(args) -> None:
   import torch  # pylint: disable=g-import-not-at-top
-  from anomalib.models import ReverseDistillation  # pylint: disable=g-import-not-at-top
 
   with open(os.path.join(args.dir, 'export.json')) as f:
     exported = json.load(f)
@@ -115,7 +170,7 @@ def train(args) -> None:
   teacher = {
     k: torch.from_numpy(v) for k, v in np.load(os.path.join(args.dir, 'teacher.npz')).items()
   }
-  size = exported['size']
+  _check_teacher(exported, teacher, np.load(os.path.join(args.dir, 'teacher_check.npz')))
   for seed in [int(s) for s in args.seeds.split(',')]:
     out_dir = os.path.join(args.dir, PEER, f'seed{seed}')
     os.makedirs(out_dir, exist_ok=True)
@@ -125,22 +180,7 @@ def train(args) -> None:
         print(f'{category} seed {seed}: done before, skipped', flush=True)
         continue
       torch.manual_seed(seed)
-      pre = ReverseDistillation.configure_pre_processor(image_size=(size, size))
-      module = ReverseDistillation(
-        backbone=exported['arch'],
-        pre_trained=False,
-        pre_processor=pre,
-        evaluator=False,
-        visualizer=False,
-      )
-      missing, unexpected = module.model.encoder.feature_extractor.load_state_dict(
-        teacher, strict=False
-      )
-      not_teacher = ('layer4.', 'fc.')
-      if unexpected or any(
-        not k.startswith(not_teacher) and not k.endswith('num_batches_tracked') for k in missing
-      ):
-        sys.exit(f"the exported teacher does not fit anomalib's encoder: {missing=} {unexpected=}")
+      module, pre = _module(exported, teacher)
       arrays = np.load(os.path.join(args.dir, f'{category}.npz'))
 
       x_train, x_test = _to_torch(pre, arrays['train']), _to_torch(pre, arrays['test'])

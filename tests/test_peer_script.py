@@ -72,6 +72,11 @@ def test_export_writes_what_the_loaders_give_and_the_runs_teacher(tmp_path):
   back = port.convert_state_dict('resnet18', state)
   expected = teacher.init_teacher('resnet18', seed=3, warn=False)
   jax.tree_util.tree_map(np.testing.assert_array_equal, back, expected)
+  check = np.load(out / 'teacher_check.npz')
+  features = teacher.ResNet('resnet18').apply(expected, check['images'])
+  for level, shape in enumerate(((2, 6, 6, 64), (2, 3, 3, 128), (2, 2, 2, 256))):
+    np.testing.assert_array_equal(check[f'features{level}'], features[level])
+    assert features[level].shape == shape
   assert json.loads((out / 'export.json').read_text())['categories'] == ['widget']
 
 
