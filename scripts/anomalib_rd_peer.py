@@ -60,10 +60,10 @@ def _categories(root: str, wanted: str | None) -> list[str]:
 
 
 def export(args) -> None:
-  from msrd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from msrd_jax import port  # pylint: disable=g-import-not-at-top
-  from msrd_jax import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
-  from msrd_jax.data import images  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from msrd_jax import data as data_lib
+  from msrd_jax import files, port
+  from msrd_jax import teacher as teacher_lib
 
   os.makedirs(args.out, exist_ok=True)
   if args.teacher_weights:
@@ -80,31 +80,28 @@ def export(args) -> None:
     **{f'features{i}': np.asarray(f) for i, f in enumerate(features)},
   )
 
-  def load(samples):
-    return np.stack([images.resize_image(images.load_image(s.image_path), size) for s in samples])
+  def load(samples, **options) -> dict:
+    # The project's evaluation loader, all samples in one batch: the very arrays a run
+    # is trained on and evaluated with.
+    loader = data_lib.EvalLoader(samples, size, len(samples), num_threads=2, **options)
+    return next(iter(loader))
 
   categories = _categories(args.root, args.categories)
   for category in categories:
     train = data_lib.list_samples('mvtec', args.root, category, 'train')
     test = data_lib.list_samples('mvtec', args.root, category, 'test')
-    masks = np.stack(
-      [
-        images.resize_mask(images.load_mask(s.mask_path), size, args.mask_resize)
-        if s.mask_path
-        else np.zeros((size, size), bool)
-        for s in test
-      ]
-    )
+    test_batch = load(test, mask_resize=args.mask_resize)
     np.savez(
       os.path.join(args.out, f'{category}.npz'),
-      train=load(train),
-      test=load(test),
-      masks=masks,
+      train=load(train)['image'],
+      test=test_batch['image'],
+      masks=test_batch['mask'].astype(bool),
       labels=np.array([s.label for s in test], np.int32),
     )
     print(f'{category}: {len(train)} training, {len(test)} test images', flush=True)
-  with open(os.path.join(args.out, 'export.json'), 'w') as f:
-    json.dump({**vars(args), 'categories': categories, 'func': None}, f, indent=1)
+  files.write_json(
+    os.path.join(args.out, 'export.json'), {**vars(args), 'categories': categories, 'func': None}
+  )
 
 
 def _to_torch(pre, images: np.ndarray):
@@ -211,17 +208,8 @@ def train(args) -> None:
       )
 
 
-def _per_seed_means(
-  results: dict[int, dict], categories: list[str], metric: str
-) -> dict[int, float]:
-  return {
-    s: float(np.mean([r[c][metric] for c in categories]))
-    for s, r in results.items()
-    if all(c in r for c in categories)
-  }
-
-
 def _read_runs(folder: str) -> dict[int, dict]:
+  """{seed: {category: metrics}} of a folder of seed<k>/results.json."""
   runs = {}
   for path in glob.glob(os.path.join(folder, 'seed*', 'results.json')):
     with open(path) as f:
@@ -230,7 +218,7 @@ def _read_runs(folder: str) -> dict[int, dict]:
 
 
 def score(args) -> None:
-  from msrd_jax import ablate, metrics  # pylint: disable=g-import-not-at-top
+  from msrd_jax import ablate, files, metrics  # pylint: disable=g-import-not-at-top
 
   with open(os.path.join(args.dir, 'export.json')) as f:
     categories = json.load(f)['categories']
@@ -244,25 +232,32 @@ def score(args) -> None:
         results[category] = metrics.evaluate_all(
           maps['scores'], truth['labels'], maps['amaps'], truth['masks']
         )
-    with open(os.path.join(seed_dir, 'results.json'), 'w') as f:
-      json.dump(results, f, indent=1)
-  rows = [('anomalib RD', _read_runs(peer_dir))]
+    files.write_json(os.path.join(seed_dir, 'results.json'), results)
+  runs = {'anomalib RD': _read_runs(peer_dir)}
   if args.compare:
-    rows.append((args.compare, _read_runs(args.compare)))
+    runs[args.compare] = _read_runs(args.compare)
+  # The ablation's figures: a seed enters the mean once it has every category.
+  summary = ablate.summarize(runs, categories)
   names = [h for _, h in ablate.METRICS]
   print(f'mean over {len(categories)} categories +- std over seeds, percent: ' + ' / '.join(names))
-  for name, runs in rows:
-    cells = []
-    for metric, _ in ablate.METRICS:
-      s = ablate.stats(_per_seed_means(runs, categories, metric))
-      std = '' if s['std'] is None else f' +- {100 * s["std"]:.1f}'
-      cells.append('-' if s['mean'] is None else f'{100 * s["mean"]:.1f}{std}')
-    seeds = sorted(_per_seed_means(runs, categories, 'image_auroc'))
-    print(f'{name}: seeds {seeds}: ' + ' / '.join(cells))
+  for name in runs:
+    means = summary['mean_over_categories'][name]
+    print(
+      f'{name}: seeds {[int(k) for k in means["image_auroc"]["values"]]}: '
+      + ' / '.join(_cell(means[m]) for m, _ in ablate.METRICS)
+    )
     for category in categories:
-      done = [r[category] for r in runs.values() if category in r]
-      cells = [f'{100 * np.mean([d[m] for d in done]):.1f}' for m, _ in ablate.METRICS if done]
-      print(f'  {category}: ' + (' / '.join(cells) or 'not run'))
+      per = summary['per_category'][name][category]
+      cells = [_cell(per[m], spread=False) for m, _ in ablate.METRICS]
+      print(f'  {category}: ' + ('not run' if per['image_auroc']['n'] == 0 else ' / '.join(cells)))
+
+
+def _cell(s: dict, spread: bool = True) -> str:
+  """'mean +- std' in percent from ablate.stats; '-' without values."""
+  if s['mean'] is None:
+    return '-'
+  std = f' +- {100 * s["std"]:.1f}' if spread and s['std'] is not None else ''
+  return f'{100 * s["mean"]:.1f}{std}'
 
 
 def main() -> None:
