@@ -74,6 +74,11 @@ def entropy(w: jax.Array) -> jax.Array:
   return jnp.mean(position_entropy(w))
 
 
+def threshold(shrink: float | None, slots: int) -> float:
+  """The hard shrinkage's threshold λ: `shrink`, or MemAE's 1 / N when it is None."""
+  return 1.0 / slots if shrink is None else shrink
+
+
 def read(
   z: jax.Array,
   memory: jax.Array,
@@ -91,7 +96,7 @@ def read(
   trained bank with it).
   """
   n, d = memory.shape
-  shrink = 1.0 / n if shrink is None else shrink
+  shrink = threshold(shrink, n)
   w = read_weights(z.reshape(-1, d).astype(jnp.float32), memory, temperature, shrink, shrink_grad)
   zhat = (w @ memory).reshape(z.shape).astype(z.dtype)
   out = zhat if mode == 'replace' else z + gate.astype(z.dtype) * zhat

@@ -50,7 +50,7 @@ def _near_threshold(model, c, state, teacher_vars, images) -> str:
   slots = state.params['memory']['memory']
   query = aux['query'].reshape(-1, slots.shape[-1]).astype(jnp.float32)
   w = np.asarray(memory.read_weights(query, slots, c.model.memory.temperature, 0.0))
-  lam = c.model.memory.shrink or 1.0 / slots.shape[0]
+  lam = memory.threshold(c.model.memory.shrink, slots.shape[0])
   rel = np.abs(w - lam) / lam
   return (
     f'the read weights w lie at a median |w - lambda| / lambda of {np.median(rel):.3f}; '
