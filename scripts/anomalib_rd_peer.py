@@ -36,7 +36,8 @@ run resumes.
 
 score: image AUROC, pixel AUROC and both AU-PROs with `msrd_jax.metrics`, written as
 OUT/anomalib_rd/seed<k>/results.json in run_all's format; prints the mean over the
-categories +- the standard deviation over seeds, and the same for --compare.
+categories +- the standard deviation over seeds, then each seed's mean and each
+category's, and the same for --compare.
 """
 
 from __future__ import annotations
@@ -246,6 +247,10 @@ def score(args) -> None:
       f'{name}: seeds {[int(k) for k in means["image_auroc"]["values"]]}: '
       + ' / '.join(_cell(means[m]) for m, _ in ablate.METRICS)
     )
+    # A metric that is NaN on some seed leaves that seed out of its values.
+    for seed in sorted({int(s) for m, _ in ablate.METRICS for s in means[m]['values']}):
+      values = [means[m]['values'].get(str(seed)) for m, _ in ablate.METRICS]
+      print(f'  seed {seed}: ' + ' / '.join('-' if v is None else f'{100 * v:.1f}' for v in values))
     for category in categories:
       per = summary['per_category'][name][category]
       cells = [_cell(per[m], spread=False) for m, _ in ablate.METRICS]

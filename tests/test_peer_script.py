@@ -110,3 +110,6 @@ def test_score_uses_the_project_metrics_and_compares(tmp_path):
   mean = 100 * (1 + chance['image_auroc']) / 2
   assert f'anomalib RD: seeds [0, 1]: {mean:.1f} +- ' in done.stdout, done.stdout
   assert 'seeds [0]: 50.0 / 25.0 / 75.0 / 100.0' in done.stdout, done.stdout
+  # Each seed's mean; RD4AD's AU-PRO is NaN on a perfect map (no false positive), shown '-'.
+  assert '  seed 0: 100.0 / 100.0 / 100.0 / -\n' in done.stdout, done.stdout
+  assert f'  seed 1: {100 * chance["image_auroc"]:.1f} / ' in done.stdout, done.stdout
