@@ -1,4 +1,4 @@
-"""Ports torchvision ResNet weights into the Flax teacher.
+"""Ports torchvision ResNet weights into the Flax teacher (and an RD4AD/anomalib student).
 
     python -m msrd_jax.port --arch wide_resnet50_2 \
         --input wide_resnet50_2-32ee1156.pth --output teachers/wide_resnet50_2.msgpack
@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import flax
 import numpy as np
@@ -54,18 +54,23 @@ class Entry:
   collection: str  # 'params' or 'batch_stats'
   path: tuple[str, ...]  # module path then variable name
   torch_shape: tuple[int, ...]  # the shape the torch tensor must have
+  transposed: bool = False  # a ConvTranspose2d: torch (I, O, kh, kw), ours (kh, kw, I, O)
 
   @property
   def is_conv(self) -> bool:
     return self.path[-1] == 'kernel'
 
+  @property
+  def _axes(self) -> tuple[int, ...]:
+    return (2, 3, 0, 1) if self.transposed else (2, 3, 1, 0)
+
   def convert(self, array: np.ndarray) -> np.ndarray:
     array = np.asarray(array, np.float32)
-    return np.transpose(array, (2, 3, 1, 0)) if self.is_conv else array
+    return np.transpose(array, self._axes) if self.is_conv else array
 
   def invert(self, array: np.ndarray) -> np.ndarray:
     array = np.asarray(array, np.float32)
-    return np.transpose(array, (3, 2, 0, 1)) if self.is_conv else array
+    return np.transpose(array, np.argsort(self._axes)) if self.is_conv else array
 
 
 def _torch_name(module_path: Sequence[str]) -> str:
@@ -75,13 +80,24 @@ def _torch_name(module_path: Sequence[str]) -> str:
 
 def expected_entries(arch: teacher_lib.Arch) -> dict[str, Entry]:
   """The torch keys (with their shapes) that the `arch` teacher needs."""
-  shapes = flax.traverse_util.flatten_dict(flax.core.unfreeze(teacher_lib.teacher_shapes(arch)))
+  return _entries(teacher_lib.teacher_shapes(arch), _torch_name)
+
+
+def _entries(
+  variables: Mapping, torch_module: Callable[[Sequence[str]], str], transposed=lambda s: False
+) -> dict[str, Entry]:
+  """torch key -> Entry for every variable of a Flax tree (arrays or shapes).
+
+  torch_module maps a module path to torch's module name; transposed(shape) says which
+  kernels are ConvTranspose2d weights."""
+  shapes = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
   entries = {}
   for (collection, *modules, name), leaf in shapes.items():
-    shape = tuple(leaf.shape)
+    shape = tuple(np.shape(leaf))
+    flip = name == 'kernel' and transposed(shape)
     if name == 'kernel':
       kh, kw, i, o = shape
-      torch_suffix, torch_shape = 'weight', (o, i, kh, kw)
+      torch_suffix, torch_shape = 'weight', (i, o, kh, kw) if flip else (o, i, kh, kw)
     else:
       torch_suffix = {
         ('params', 'scale'): 'weight',
@@ -90,8 +106,8 @@ def expected_entries(arch: teacher_lib.Arch) -> dict[str, Entry]:
         ('batch_stats', 'var'): 'running_var',
       }[(collection, name)]
       torch_shape = shape
-    key = f'{_torch_name(modules)}.{torch_suffix}'
-    entries[key] = Entry(key, collection, (*modules, name), torch_shape)
+    key = f'{torch_module(modules)}.{torch_suffix}'
+    entries[key] = Entry(key, collection, (*modules, name), torch_shape, flip)
   return entries
 
 
@@ -108,25 +124,30 @@ def plan_port(arch: teacher_lib.Arch, shapes: Mapping[str, Sequence[int]]) -> li
   Raises:
     PortError listing every missing key, unexpected key and shape mismatch.
   """
-  expected = expected_entries(arch)
+  return _plan(expected_entries(arch), shapes, IGNORED, arch)
+
+
+def _plan(
+  expected: dict[str, Entry], shapes: Mapping[str, Sequence[int]], ignored: re.Pattern, what: str
+) -> list[Entry]:
   problems = []
   for key in expected:
     if key not in shapes:
       problems.append(f'missing key {key!r} (shape {expected[key].torch_shape})')
   for key, shape in shapes.items():
-    if IGNORED.search(key):
+    if ignored.search(key):
       continue
     if key not in expected:
       problems.append(f'unexpected key {key!r} (shape {tuple(shape)})')
     elif tuple(shape) != expected[key].torch_shape:
       problems.append(
         f'shape mismatch for {key!r}: file has {tuple(shape)}, '
-        f'{arch} needs {expected[key].torch_shape}'
+        f'{what} needs {expected[key].torch_shape}'
       )
   if problems:
     shown = '\n  '.join(problems[:20])
     more = f'\n  ... and {len(problems) - 20} more' if len(problems) > 20 else ''
-    raise PortError(f'the state_dict does not fit {arch}:\n  {shown}{more}')
+    raise PortError(f'the state_dict does not fit {what}:\n  {shown}{more}')
   return list(expected.values())
 
 
@@ -146,6 +167,59 @@ def to_state_dict(arch: teacher_lib.Arch, variables: Mapping) -> dict[str, np.nd
   """
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
   return {key: e.invert(flat[(e.collection, *e.path)]) for key, e in expected_entries(arch).items()}
+
+
+# The plain-RD student (RD4AD's code, anomalib's ReverseDistillation): its bottleneck
+# (RD4AD's BN_layer, anomalib's OCBE) and decoder (de_resnet) as our Student with
+# fusion 'mff', no coordinate attention and no memory. Our module path -> torch's.
+_RD_STUDENT_MODULES = [
+  # de_resnet's layer1 rebuilds level 3, layer3 level 1.
+  (r'^decoder/level(\d)_(\d+)(?=/|$)', lambda m: f'decoder/layer{4 - int(m[1])}_{m[2]}'),
+  # BN_layer's conv1/bn1 .. conv3/bn3 align levels 1 and 2: our MFF.
+  (r'^fusion/level1_down1/(conv|bn)$', lambda m: f'bottleneck/{m[1]}1'),
+  (r'^fusion/level1_down2/(conv|bn)$', lambda m: f'bottleneck/{m[1]}2'),
+  (r'^fusion/level2_down1/(conv|bn)$', lambda m: f'bottleneck/{m[1]}3'),
+  # BN_layer's bn_layer: our OCE.
+  (r'^oce/layer_(\d+)', lambda m: f'bottleneck/bn_layer_{m[1]}'),
+]
+# RD4AD's BN_layer defines conv4 / bn4 and never uses them; anomalib keeps them.
+RD_STUDENT_IGNORED = re.compile(r'^bottleneck\.(conv4|bn4)\.|num_batches_tracked$')
+
+
+def _rd_student_name(module_path: Sequence[str]) -> str:
+  path = '/'.join(module_path)
+  for pattern, repl in _RD_STUDENT_MODULES:
+    path = re.sub(pattern, repl, path)
+  return _torch_name(path.split('/'))
+
+
+def rd_student_entries(variables: Mapping) -> dict[str, Entry]:
+  """The torch keys (with their shapes) of a plain-RD student's variables.
+
+  variables: the {'params', 'batch_stats'} (or their shapes) of a Student with fusion
+  'mff', no coordinate attention and memory 'off'. Its 2 x 2 kernels are the decoder's
+  ConvTranspose2d weights."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
+  extra = sorted('/'.join(k) for k in flat if k[1] not in ('decoder', 'fusion', 'oce'))
+  if extra or any(k[2].startswith('attention') for k in flat if k[1] == 'fusion'):
+    raise PortError(f'not a plain-RD student (fusion mff, no attention, no memory): {extra}')
+  return _entries(variables, _rd_student_name, transposed=lambda s: s[:2] == (2, 2))
+
+
+def convert_rd_student(state_dict: Mapping[str, np.ndarray], template: Mapping) -> dict:
+  """The state_dict of RD4AD's / anomalib's student (keys 'bottleneck.*' and
+  'decoder.*', numpy arrays) -> our plain-RD Student's {'params', 'batch_stats'}, shaped
+  as `template` (e.g. `MSRD.abstract_variables` of a config with model.fusion 'mff',
+  model.coord_attention () and model.memory.mode 'off'). Keys and shapes are checked as
+  the teacher's; PyTorch's running variance is taken as it is."""
+  entries = _plan(
+    rd_student_entries(template),
+    {k: np.shape(v) for k, v in state_dict.items()},
+    RD_STUDENT_IGNORED,
+    'the plain-RD student',
+  )
+  flat = {(e.collection, *e.path): e.convert(state_dict[e.torch_key]) for e in entries}
+  return flax.traverse_util.unflatten_dict(flat)
 
 
 def _unwrap(obj, path: str) -> dict[str, np.ndarray]:

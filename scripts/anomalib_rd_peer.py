@@ -14,6 +14,12 @@ Three steps in two virtualenvs; the middle one never imports msrd_jax (or JAX):
     python scripts/anomalib_rd_peer.py score workdirs/peer_procedural \\
         --compare workdirs/ablation_procedural_mvtec/rd
 
+and, to tell the implementations apart from their random draws, the project's RD from
+anomalib's very initial weights on anomalib's very batches:
+
+    python scripts/anomalib_rd_peer.py train workdirs/peer_procedural --seeds 0 --record
+    python scripts/anomalib_rd_peer.py replay workdirs/peer_procedural --seeds 0
+
 export: every category of --root (or --categories) in the MVTec layout; the training
 images and the test images resized as the project's loaders resize them (RGB in [0, 1]),
 the test masks resized with --mask-resize (RD4AD's 'bilinear' by default, as
@@ -32,7 +38,20 @@ bottleneck and decoder): --epochs passes over the shuffled training images in ba
 of --batch, the last one smaller. Seed k seeds torch. Then the test set's anomaly maps
 and scores (the maps' maximum, anomalib's `pred_score`) go to
 OUT/anomalib_rd/seed<k>/<category>.npz; finished ones are skipped, so an interrupted
-run resumes.
+run resumes. --record also writes <category>.record.npz: the student's initial and
+trained state_dicts (bottleneck and decoder), each epoch's permutation, each step's
+loss, the batch size and Adam's lr and betas (about 100 MB for resnet18); recording
+draws no random numbers, so the run is the same with or without it.
+
+replay (the project's virtualenv): for each recorded category, `configs/mvtec.py`'s
+plain RD (the ablation's `rd`) with the record's lr, betas and batch size, its initial
+weights ported from the record (`port.convert_rd_student`), trained on the recorded
+batches in their order with the project's training step. Prints the mean loss of each
+tenth of the steps for both and their relative difference at the first steps; scores
+the project's student and anomalib's trained one, both with the project's maps and
+metrics, into OUT/replay/{project,anomalib_weights}/seed<k>/results.json (folders that
+`score --compare` reads; categories replayed before are kept) and writes both loss
+curves to OUT/replay/project/seed<k>/losses.json.
 
 score: image AUROC, pixel AUROC and both AU-PROs with `msrd_jax.metrics`, written as
 OUT/anomalib_rd/seed<k>/results.json in run_all's format; prints the mean over the
@@ -52,6 +71,8 @@ import time
 import numpy as np
 
 PEER = 'anomalib_rd'
+REPLAY = 'replay'
+CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs', 'mvtec.py')
 
 
 def _categories(root: str, wanted: str | None) -> list[str]:
@@ -174,7 +195,8 @@ def train(args) -> None:
     os.makedirs(out_dir, exist_ok=True)
     for category in args.categories.split(',') if args.categories else exported['categories']:
       out = os.path.join(out_dir, f'{category}.npz')
-      if os.path.exists(out):
+      record = os.path.join(out_dir, f'{category}.record.npz')
+      if os.path.exists(out) and (os.path.exists(record) or not args.record):
         print(f'{category} seed {seed}: done before, skipped', flush=True)
         continue
       torch.manual_seed(seed)
@@ -183,16 +205,31 @@ def train(args) -> None:
 
       x_train, x_test = _to_torch(pre, arrays['train']), _to_torch(pre, arrays['test'])
       optimizer = module.configure_optimizers()
+      init = _student_state(module.model)
       module.model.train()
-      start, steps = time.perf_counter(), 0
+      start, orders, losses = time.perf_counter(), [], []
       for _ in range(args.epochs):
         order = torch.randperm(len(x_train))
+        orders.append(order.numpy())
         for i in range(0, len(x_train), args.batch):
           loss = module.loss(*module.model(x_train[order[i : i + args.batch]]))
           optimizer.zero_grad()
           loss.backward()
           optimizer.step()
-          steps += 1
+          losses.append(loss.item())
+      steps = len(losses)
+      if args.record:
+        group = optimizer.param_groups[0]
+        _save(
+          record,
+          orders=np.stack(orders),
+          losses=np.array(losses),
+          batch=args.batch,
+          lr=group['lr'],
+          betas=np.array(group['betas']),
+          **{f'init/{k}': v for k, v in init.items()},
+          **{f'trained/{k}': v for k, v in _student_state(module.model).items()},
+        )
       module.model.eval()
       maps, scores = [], []
       with torch.no_grad():
@@ -200,13 +237,133 @@ def train(args) -> None:
           result = module.model(x_test[i : i + 16])
           maps.append(result.anomaly_map[:, 0].numpy())
           scores.append(result.pred_score.reshape(-1).numpy())
-      np.savez(out + '.tmp.npz', amaps=np.concatenate(maps), scores=np.concatenate(scores))
-      os.replace(out + '.tmp.npz', out)
+      _save(out, amaps=np.concatenate(maps), scores=np.concatenate(scores))
       print(
         f'{category} seed {seed}: {steps} steps in {time.perf_counter() - start:.0f} s, '
         f'last loss {loss.item():.4f}',
         flush=True,
       )
+
+
+def _student_state(model) -> dict[str, np.ndarray]:
+  """anomalib's student (bottleneck and decoder) as a state_dict of numpy copies."""
+  return {
+    f'{name}.{k}': v.detach().numpy().copy()
+    for name in ('bottleneck', 'decoder')
+    for k, v in getattr(model, name).state_dict().items()
+  }
+
+
+def _save(path: str, **arrays) -> None:
+  """np.savez through a temporary file, so that an interrupted run leaves no half file."""
+  np.savez(path + '.tmp.npz', **arrays)
+  os.replace(path + '.tmp.npz', path)
+
+
+def replay(args) -> None:
+  """The project's plain RD from anomalib's initial weights on anomalib's batches."""
+  # pylint: disable=g-import-not-at-top
+  import importlib.util
+
+  import jax
+  import jax.numpy as jnp
+
+  from msrd_jax import ablate, metrics, port
+  from msrd_jax import train as train_lib
+  from msrd_jax.inference import make_predict_fn
+  from msrd_jax.model import MSRD
+
+  with open(os.path.join(args.dir, 'export.json')) as f:
+    exported = json.load(f)
+  spec = importlib.util.spec_from_file_location('mvtec', CONFIG)
+  mvtec = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mvtec)
+  teacher_vars = port.convert_state_dict(
+    exported['arch'], dict(np.load(os.path.join(args.dir, 'teacher.npz')))
+  )
+  for seed in [int(s) for s in args.seeds.split(',')]:
+    peer_dir = os.path.join(args.dir, PEER, f'seed{seed}')
+    for category in args.categories.split(',') if args.categories else exported['categories']:
+      path = os.path.join(peer_dir, f'{category}.record.npz')
+      if not os.path.exists(path):
+        print(f'{category} seed {seed}: no {path} (train --record), skipped', flush=True)
+        continue
+      record, arrays = np.load(path), np.load(os.path.join(args.dir, f'{category}.npz'))
+      # configs/mvtec.py's plain RD, with anomalib's optimizer and the export's sizes.
+      config = mvtec.get_config()
+      config.model.backbone = exported['arch']
+      config.data.image_size = exported['size']
+      config.train.learning_rate = float(record['lr'])
+      config.train.b1, config.train.b2 = (float(b) for b in record['betas'])
+      config = ablate.variant_config(config, ablate.BASELINE, seed)
+      model = MSRD(config)
+      template = model.abstract_variables(exported['size'])
+
+      def student(prefix: str, record=record, template=template) -> dict:
+        n = len(prefix)
+        state = {k[n:]: record[k] for k in record.files if k.startswith(prefix)}
+        return port.convert_rd_student(state, template)
+
+      tx = train_lib.make_optimizer(config)
+      init = student('init/')
+      state = train_lib.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=init['params'],
+        batch_stats=init['batch_stats'],
+        opt_state=tx.init(init['params']),
+      )
+      step = jax.jit(train_lib.make_train_step(model, tx, config, axis_name=None))
+      batch, ours = int(record['batch']), []
+      start = time.perf_counter()
+      for order in record['orders']:
+        for i in range(0, len(order), batch):
+          state, m = step(state, teacher_vars, jnp.asarray(arrays['train'][order[i : i + batch]]))
+          ours.append(float(m['loss']))
+      theirs, ours = record['losses'], np.array(ours)
+      print(f'{category} seed {seed}: {len(ours)} steps in {time.perf_counter() - start:.0f} s')
+      print('  loss, mean of each tenth of the steps: project / anomalib')
+      print('  ' + ', '.join(f'{a:.4f}/{b:.4f}' for a, b in _tenths(ours, theirs)))
+      first = [f'{abs(a - b) / abs(b):.0e}' for a, b in zip(ours[:4], theirs[:4])]
+      print(f'  relative difference at steps 0-3: {", ".join(first)}')
+      folder = os.path.join(args.dir, REPLAY, '{}', f'seed{seed}')
+      _merge_json(
+        os.path.join(folder.format('project'), 'losses.json'),
+        {category: {'project': ours.tolist(), 'anomalib': theirs.tolist()}},
+      )
+      predict = make_predict_fn(model, config)
+      trained = {'params': state.params, 'batch_stats': state.batch_stats}
+      for name, variables in (
+        ('project', trained),
+        ('anomalib_weights', student('trained/')),
+      ):
+        maps, scores = [], []
+        for i in range(0, len(arrays['test']), config.eval.batch_size):
+          m, s = predict(teacher_vars, variables, arrays['test'][i : i + config.eval.batch_size])
+          maps.append(np.asarray(m))
+          scores.append(np.asarray(s))
+        result = metrics.evaluate_all(
+          np.concatenate(scores), arrays['labels'], np.concatenate(maps), arrays['masks']
+        )
+        # Folders of seed<k>/results.json, as `score --compare` reads them, with the
+        # categories replayed before.
+        _merge_json(os.path.join(folder.format(name), 'results.json'), {category: result})
+        cells = ' / '.join(f'{100 * result[m]:.1f}' for m, _ in ablate.METRICS)
+        print(f'  {name}: {cells}', flush=True)
+
+
+def _merge_json(path: str, payload: dict) -> None:
+  """Writes `payload` into the JSON object at `path`, keeping its other keys."""
+  from msrd_jax import files  # pylint: disable=g-import-not-at-top
+
+  if os.path.exists(path):
+    with open(path) as f:
+      payload = {**json.load(f), **payload}
+  files.write_json(path, payload)
+
+
+def _tenths(ours: np.ndarray, theirs: np.ndarray):
+  for part_a, part_b in zip(np.array_split(ours, 10), np.array_split(theirs, 10)):
+    yield float(part_a.mean()), float(part_b.mean())
 
 
 def _read_runs(folder: str) -> dict[int, dict]:
@@ -285,7 +442,19 @@ def main() -> None:
   p.add_argument('--epochs', type=int, default=40)
   p.add_argument('--batch', type=int, default=8)
   p.add_argument('--threads', type=int, default=0, help="torch threads; 0: torch's default")
+  p.add_argument(
+    '--record',
+    action='store_true',
+    help='also write <category>.record.npz: initial and trained student, batch order, losses',
+  )
   p.set_defaults(func=train)
+  p = sub.add_parser(
+    'replay', help="the project virtualenv: the project's RD from anomalib's init and batches"
+  )
+  p.add_argument('dir')
+  p.add_argument('--seeds', default='0')
+  p.add_argument('--categories', help='comma-separated; default: every exported one')
+  p.set_defaults(func=replay)
   p = sub.add_parser('score', help='the project virtualenv: metrics, and the comparison')
   p.add_argument('dir')
   p.add_argument('--compare', help="a folder with seed<k>/results.json, e.g. an ablation's rd")

@@ -113,3 +113,96 @@ def test_score_uses_the_project_metrics_and_compares(tmp_path):
   # Each seed's mean; RD4AD's AU-PRO is NaN on a perfect map (no false positive), shown '-'.
   assert '  seed 0: 100.0 / 100.0 / 100.0 / -\n' in done.stdout, done.stdout
   assert f'  seed 1: {100 * chance["image_auroc"]:.1f} / ' in done.stdout, done.stdout
+
+
+def _pytorch_record(peer, category: str, epochs: int = 3, batch: int = 4) -> dict:
+  """What `train --record` writes, made without anomalib: RD4AD's student as
+  scripts/student_reference.py transcribes it (anomalib's key names), trained with RD4AD's
+  loss and anomalib's Adam on the exported teacher's features, in float32 as anomalib
+  trains. The teacher is frozen, so its features stand in for the images."""
+  torch = pytest.importorskip('torch')
+  sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+  import student_reference  # pylint: disable=g-import-not-at-top
+
+  arrays = np.load(peer / f'{category}.npz')
+  teacher_vars = port.convert_state_dict('resnet18', dict(np.load(peer / 'teacher.npz')))
+
+  def features(images):
+    out = teacher.ResNet('resnet18').apply(teacher_vars, images)
+    return [torch.from_numpy(np.asarray(f).transpose(0, 3, 1, 2).copy()) for f in out]
+
+  torch.manual_seed(0)
+  model = student_reference.OwnRD()
+  state = lambda: {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}  # noqa: E731
+  init = state()
+  optimizer = torch.optim.Adam(model.parameters(), lr=0.005, betas=(0.5, 0.99))
+  train, orders, losses = features(arrays['train']), [], []
+  model.train()
+  for _ in range(epochs):
+    order = torch.randperm(len(arrays['train']))
+    orders.append(order.numpy())
+    for i in range(0, len(order), batch):
+      e = [f[order[i : i + batch]] for f in train]
+      d, _ = model(e)
+      loss = sum(
+        torch.mean(1 - torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1)))
+        for a, b in zip(e, d)
+      )
+      optimizer.zero_grad()
+      loss.backward()
+      optimizer.step()
+      losses.append(loss.item())
+  model.eval()
+  test = features(arrays['test'])
+  with torch.no_grad():
+    decoded = [t.numpy().transpose(0, 2, 3, 1) for t in model(test)[0]]
+  os.makedirs(peer / 'anomalib_rd' / 'seed0')
+  np.savez(
+    peer / 'anomalib_rd' / 'seed0' / f'{category}.record.npz',
+    orders=np.stack(orders),
+    losses=np.array(losses),
+    batch=batch,
+    lr=0.005,
+    betas=np.array([0.5, 0.99]),
+    **{f'init/{k}': v for k, v in init.items()},
+    **{f'trained/{k}': v for k, v in state().items()},
+  )
+  return {
+    'losses': np.array(losses),
+    'test_features': [t.numpy().transpose(0, 2, 3, 1) for t in test],
+    'decoded': decoded,
+  }
+
+
+@pytest.mark.slow  # about 45 s: two training steps and the maps compile
+def test_replay_trains_as_pytorch_from_its_initial_weights(tmp_path):
+  """`replay` ports the recorded initial student, trains the project's plain RD on the
+  recorded batches (the last one of an epoch smaller) and scores both students with the
+  project's maps: its losses must follow PyTorch's step by step, and its maps of the
+  PyTorch-trained student must be those of PyTorch's own forward (BatchNorm running
+  statistics included)."""
+  from msrd_jax import anomaly_map  # pylint: disable=g-import-not-at-top
+
+  _noisy_tree(tmp_path / 'data')
+  peer = tmp_path / 'peer'
+  _script('export', f'--root={tmp_path / "data"}', f'--out={peer}', '--size=64')
+  torch_run = _pytorch_record(peer, 'widget')
+  done = _script('replay', str(peer), '--seeds=0')
+  assert 'widget seed 0: 6 steps' in done.stdout, done.stdout
+  losses = json.loads((peer / 'replay' / 'project' / 'seed0' / 'losses.json').read_text())
+  ours, theirs = np.array(losses['widget']['project']), torch_run['losses']
+  np.testing.assert_array_equal(losses['widget']['anomalib'], theirs)
+  assert len(ours) == 3 * 2  # 5 images in batches of 4: 4, then 1
+  np.testing.assert_allclose(ours[:2], theirs[:2], rtol=1e-4)
+  np.testing.assert_allclose(ours, theirs, rtol=2e-2)
+  # configs/mvtec.py's maps (align_corners, sigma 4) of PyTorch's decoded features.
+  maps, scores = anomaly_map.anomaly_map(
+    torch_run['test_features'], torch_run['decoded'], 64, align_corners=True
+  )
+  truth = np.load(peer / 'widget.npz')
+  want = metrics.evaluate_all(np.asarray(scores), truth['labels'], np.asarray(maps), truth['masks'])
+  got = json.loads((peer / 'replay' / 'anomalib_weights' / 'seed0' / 'results.json').read_text())
+  for metric in ('image_auroc', 'pixel_auroc', 'au_pro'):
+    assert got['widget'][metric] == pytest.approx(want[metric], abs=1e-3), metric
+  project = json.loads((peer / 'replay' / 'project' / 'seed0' / 'results.json').read_text())
+  assert 0 <= project['widget']['pixel_auroc'] <= 1

@@ -38,7 +38,7 @@ import numpy as np
 import pytest
 import student_fixture_recipe as recipe
 
-from msrd_jax import losses
+from msrd_jax import losses, port
 from msrd_jax.coord_attention import CoordAttention
 from msrd_jax.decoder import Decoder, DecoderBlock
 from msrd_jax.fusion import MFF, MSFF
@@ -490,3 +490,31 @@ def test_zz_print_deviations():
     row = DEVIATIONS.get(name, {})
     cells = [f'{row[k]:.1e} ({_tol(name, k):.0e})' if k in row else '-' for k in kinds]
     print(f'{name:<20}' + ''.join(f'{c:>20}' for c in cells))
+
+
+def test_port_converts_an_rd4ad_student_as_these_checks_map_it():
+  """msrd_jax.port.convert_rd_student (what scripts/anomalib_rd_peer.py replay loads
+  anomalib's student with) gives this module's mapping, which the checks above hold to
+  anomalib's OCBE and de_resnet18; bad keys and shapes are errors that name them."""
+  _, manifest, state = _case('student_rd')
+  state = {k: np.asarray(v) for k, v in state.items()}
+  want = _flat(to_flax('student_rd', manifest, state))
+  got = _flat(port.convert_rd_student(state, flax.traverse_util.unflatten_dict(want, sep='/')))
+  assert got.keys() == want.keys()
+  for key, value in want.items():
+    np.testing.assert_array_equal(got[key], value, err_msg=key)
+  bad = dict(state, **{'decoder.extra.weight': np.zeros(3)})
+  bad['decoder.layer1.0.conv1.weight'] = np.zeros((1, 2, 2, 2), np.float32)
+  del bad['bottleneck.bn_layer.0.conv1.weight']
+  with pytest.raises(port.PortError) as error:
+    port.convert_rd_student(bad, flax.traverse_util.unflatten_dict(want, sep='/'))
+  for part in (
+    "unexpected key 'decoder.extra.weight'",
+    "shape mismatch for 'decoder.layer1.0.conv1.weight'",
+    "missing key 'bottleneck.bn_layer.0.conv1.weight'",
+  ):
+    assert part in str(error.value)
+  # Only the plain-RD student has RD4AD's layout.
+  msrd = {'params': {'fusion': {'attention_1': {'w': np.zeros(1)}}}}
+  with pytest.raises(port.PortError, match='not a plain-RD student'):
+    port.rd_student_entries(msrd)
