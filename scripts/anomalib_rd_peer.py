@@ -40,7 +40,7 @@ and scores (the maps' maximum, anomalib's `pred_score`) go to
 OUT/anomalib_rd/seed<k>/<category>.npz; finished ones are skipped, so an interrupted
 run resumes. --record also writes <category>.record.npz: the student's initial and
 trained state_dicts (bottleneck and decoder), each epoch's permutation, each step's
-loss, the batch size and Adam's lr and betas (about 100 MB for resnet18); recording
+loss, the batch size and Adam's lr and betas (about 130 MB for resnet18); recording
 draws no random numbers, so the run is the same with or without it.
 
 replay (the project's virtualenv): for each recorded category, `configs/mvtec.py`'s
