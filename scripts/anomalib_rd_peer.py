@@ -281,6 +281,29 @@ def replay(args) -> None:
   teacher_vars = port.convert_state_dict(
     exported['arch'], dict(np.load(os.path.join(args.dir, 'teacher.npz')))
   )
+  setups = {}
+
+  def setup(lr: float, b1: float, b2: float):
+    """(config, model, template, tx, jitted step, predict) of one optimizer setting,
+    built and compiled once for all the records that share it."""
+    if (lr, b1, b2) not in setups:
+      # configs/mvtec.py's plain RD, with anomalib's optimizer and the export's sizes.
+      config = mvtec.get_config()
+      config.model.backbone = exported['arch']
+      config.data.image_size = exported['size']
+      config.train.learning_rate, config.train.b1, config.train.b2 = lr, b1, b2
+      config = ablate.variant_config(config, ablate.BASELINE, config.seed)
+      model = MSRD(config)
+      tx = train_lib.make_optimizer(config)
+      setups[lr, b1, b2] = (
+        config,
+        model.abstract_variables(exported['size']),
+        tx,
+        jax.jit(train_lib.make_train_step(model, tx, config, axis_name=None)),
+        make_predict_fn(model, config),
+      )
+    return setups[lr, b1, b2]
+
   for seed in [int(s) for s in args.seeds.split(',')]:
     peer_dir = os.path.join(args.dir, PEER, f'seed{seed}')
     for category in args.categories.split(',') if args.categories else exported['categories']:
@@ -289,22 +312,15 @@ def replay(args) -> None:
         print(f'{category} seed {seed}: no {path} (train --record), skipped', flush=True)
         continue
       record, arrays = np.load(path), np.load(os.path.join(args.dir, f'{category}.npz'))
-      # configs/mvtec.py's plain RD, with anomalib's optimizer and the export's sizes.
-      config = mvtec.get_config()
-      config.model.backbone = exported['arch']
-      config.data.image_size = exported['size']
-      config.train.learning_rate = float(record['lr'])
-      config.train.b1, config.train.b2 = (float(b) for b in record['betas'])
-      config = ablate.variant_config(config, ablate.BASELINE, seed)
-      model = MSRD(config)
-      template = model.abstract_variables(exported['size'])
+      config, template, tx, step, predict = setup(
+        float(record['lr']), *(float(b) for b in record['betas'])
+      )
 
       def student(prefix: str, record=record, template=template) -> dict:
         n = len(prefix)
         state = {k[n:]: record[k] for k in record.files if k.startswith(prefix)}
         return port.convert_rd_student(state, template)
 
-      tx = train_lib.make_optimizer(config)
       init = student('init/')
       state = train_lib.TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -312,7 +328,6 @@ def replay(args) -> None:
         batch_stats=init['batch_stats'],
         opt_state=tx.init(init['params']),
       )
-      step = jax.jit(train_lib.make_train_step(model, tx, config, axis_name=None))
       batch, ours = int(record['batch']), []
       start = time.perf_counter()
       for order in record['orders']:
@@ -330,7 +345,6 @@ def replay(args) -> None:
         os.path.join(folder.format('project'), 'losses.json'),
         {category: {'project': ours.tolist(), 'anomalib': theirs.tolist()}},
       )
-      predict = make_predict_fn(model, config)
       trained = {'params': state.params, 'batch_stats': state.batch_stats}
       for name, variables in (
         ('project', trained),
